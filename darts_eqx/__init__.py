@@ -1,0 +1,32 @@
+"""darts_eqx: Differentiable Architecture Search (Liu, Simonyan, Yang, ICLR 2019) in JAX + Equinox."""
+
+from . import data as data
+from ._cell import SearchCell as SearchCell
+from ._data import ImageData as ImageData
+from ._discretize import (
+    DiscreteCell as DiscreteCell,
+    DiscreteNetwork as DiscreteNetwork,
+    DiscreteSeedNetwork as DiscreteSeedNetwork,
+    derive_genotype as derive_genotype,
+    discretize as discretize,
+)
+from ._genotype import Genotype as Genotype
+from ._mixed import (
+    ArchLogits as ArchLogits,
+    MixedOp as MixedOp,
+    combine_arch as combine_arch,
+    is_arch as is_arch,
+    split_arch as split_arch,
+)
+from ._network import SearchNetwork as SearchNetwork, SeedNetwork as SeedNetwork
+from ._search import (
+    SearchConfig as SearchConfig,
+    SearchDiverged as SearchDiverged,
+    SearchResult as SearchResult,
+    SearchState as SearchState,
+    search as search,
+    search_step as search_step,
+)
+from ._spaces import DARTS_SPACE as DARTS_SPACE, SEED_SPACE as SEED_SPACE, SearchSpace as SearchSpace
+
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""The DARTS search cell: two preprocessed inputs, `steps` intermediate nodes, each the sum of
+mixed ops over all earlier states, output the channel concatenation of the intermediate nodes."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._mixed import MixedOp
+from ._ops import FactorizedReduce, Images, ReLUConvBN
+from ._spaces import SearchSpace
+
+
+def edge_index(node: int, source: int) -> int:
+    """Row of alpha for the edge from state `source` into intermediate node `node`."""
+    return sum(2 + j for j in range(node)) + source
+
+
+def num_edges(steps: int) -> int:
+    """Edges of a cell with `steps` intermediate nodes (14 for 4 nodes)."""
+    return edge_index(steps, 0)
+
+
+def preprocess(cin: int, cout: int, reduce_input: bool, affine: bool, *, key: PRNGKeyArray):
+    """Bring a cell input to the cell's width (and resolution, after a reduction)."""
+    if reduce_input:
+        return FactorizedReduce(cin, cout, affine, key=key)
+    return ReLUConvBN(cin, cout, 1, 1, 0, affine, key=key)
+
+
+class SearchCell(eqx.Module):
+    """One cell of the supernet. Edges from the two cell inputs stride 2 in a reduction cell."""
+
+    preprocess0: eqx.Module
+    preprocess1: eqx.Module
+    edges: tuple[MixedOp, ...]
+    reduction: bool = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    multiplier: int = eqx.field(static=True)
+
+    def __init__(
+        self, space: SearchSpace, c_prev_prev: int, c_prev: int, channels: int, reduction: bool,
+        reduction_prev: bool, steps: int = 4, multiplier: int = 4, *, key: PRNGKeyArray,
+    ):
+        k0, k1, ke = jax.random.split(key, 3)
+        self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
+        self.preprocess1 = preprocess(c_prev, channels, False, False, key=k1)
+        keys = iter(jax.random.split(ke, num_edges(steps)))
+        self.edges = tuple(
+            MixedOp(space, channels, 2 if reduction and source < 2 else 1, key=next(keys))
+            for node in range(steps)
+            for source in range(node + 2)
+        )
+        self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+
+    def edge_op(self, node: int, source: int, name: str) -> eqx.Module:
+        """The op module `name` on the edge `source -> node`."""
+        mixed = self.edges[edge_index(node, source)]
+        return mixed.ops[mixed.op_names.index(name)]
+
+    def __call__(self, s0: Images, s1: Images, weights: Float[Array, "edges ops"]) -> Images:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for node in range(self.steps):
+            terms = [
+                self.edges[edge_index(node, i)](h, weights[edge_index(node, i)])
+                for i, h in enumerate(states)
+            ]
+            states.append(sum(terms[1:], terms[0]))
+        return jnp.concatenate(states[-self.multiplier :], axis=-1)

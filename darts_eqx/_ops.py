@@ -1,0 +1,194 @@
+"""Candidate operations of the DARTS CNN search space (Liu et al., ICLR 2019), in NHWC.
+
+Unlike `equinox.nn` layers, these act on a whole batch `[batch, height, width, channels]`: the search
+network's batch normalisation uses the statistics of the batch, as the original does, so the batch
+axis is part of each op's meaning rather than something to `vmap` over.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._conv import avg_pool, conv2d, depthwise_conv2d, max_pool, pointwise_conv
+
+Images = Float[Array, "batch height width channels"]
+
+
+def _uniform(key, shape, fan_in: int) -> Array:
+    # PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ...).
+    bound = 1.0 / math.sqrt(fan_in)
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+    # Eagerly, draw on the host from a generator seeded by the key: XLA would compile a separate
+    # random-number program for every distinct weight shape, about a minute for a supernet.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    return jnp.asarray(rng.uniform(-bound, bound, shape), dtype=jnp.float32)
+
+
+class BatchNorm(eqx.Module):
+    """Batch normalisation over the batch and spatial axes with the batch's own statistics
+    (biased variance, as PyTorch in training mode). `affine=False` has no parameters, as every
+    BN inside the DARTS search ops; the stem BN is affine."""
+
+    weight: Float[Array, " channels"] | None
+    bias: Float[Array, " channels"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, channels: int, affine: bool, eps: float = 1e-5):
+        self.weight = jnp.ones(channels) if affine else None
+        self.bias = jnp.zeros(channels) if affine else None
+        self.eps = eps
+
+    def __call__(self, x: Images) -> Images:
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight + self.bias
+        return y
+
+
+class Conv2d(eqx.Module):
+    """Dense k x k convolution without bias; weights HWIO."""
+
+    weight: Float[Array, "k k cin cout"]
+    stride: int = eqx.field(static=True)
+    padding: int = eqx.field(static=True)
+    dilation: int = eqx.field(static=True)
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0,
+        dilation: int = 1, *, key: PRNGKeyArray,
+    ):
+        self.weight = _uniform(key, (kernel, kernel, cin, cout), cin * kernel * kernel)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def __call__(self, x: Images) -> Images:
+        return conv2d(x, self.weight, self.stride, self.padding, self.dilation)
+
+
+class Zero(eqx.Module):
+    """The `none` op: zeros at the output resolution."""
+
+    stride: int = eqx.field(static=True)
+
+    def __call__(self, x: Images) -> Images:
+        return jnp.zeros_like(x[:, :: self.stride, :: self.stride, :])
+
+
+class Identity(eqx.Module):
+    """`skip_connect` at stride 1."""
+
+    def __call__(self, x: Images) -> Images:
+        return x
+
+
+class Pool(eqx.Module):
+    """3x3 max or average pool (padding 1, average excludes padding), optionally followed by a
+    non-affine BN as inside the original's mixed ops."""
+
+    kind: str = eqx.field(static=True)
+    stride: int = eqx.field(static=True)
+    norm: BatchNorm | None
+
+    def __init__(self, kind: str, channels: int, stride: int, with_norm: bool):
+        if kind not in ("max", "avg"):
+            raise ValueError(f"pool kind (={kind!r}) must be 'max' or 'avg'")
+        self.kind, self.stride = kind, stride
+        self.norm = BatchNorm(channels, affine=False) if with_norm else None
+
+    def __call__(self, x: Images) -> Images:
+        y = max_pool(x, self.stride) if self.kind == "max" else avg_pool(x, self.stride)
+        return y if self.norm is None else self.norm(y)
+
+
+class FactorizedReduce(eqx.Module):
+    """Halve the resolution with two stride-2 1x1 convs on offset grids, concatenated: ReLU, then
+    conv(x) ++ conv(x[1:, 1:]), then BN. Used for `skip_connect` at stride 2 and to preprocess a
+    cell input that comes from before a reduction."""
+
+    weight_a: Float[Array, "cin half"]
+    weight_b: Float[Array, "cin half"]
+    norm: BatchNorm
+
+    def __init__(self, cin: int, cout: int, affine: bool, *, key: PRNGKeyArray):
+        if cout % 2:
+            raise ValueError(f"FactorizedReduce output channels (={cout}) must be even")
+        ka, kb = jax.random.split(key)
+        self.weight_a = _uniform(ka, (cin, cout // 2), cin)
+        self.weight_b = _uniform(kb, (cin, cout // 2), cin)
+        self.norm = BatchNorm(cout, affine)
+
+    def __call__(self, x: Images) -> Images:
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            raise ValueError(
+                f"FactorizedReduce needs even height and width, got {x.shape[1]}x{x.shape[2]}"
+            )
+        x = jax.nn.relu(x)
+        a = pointwise_conv(x[:, ::2, ::2, :], self.weight_a)
+        b = pointwise_conv(x[:, 1::2, 1::2, :], self.weight_b)
+        return self.norm(jnp.concatenate([a, b], axis=-1))
+
+
+class ReLUConvBN(eqx.Module):
+    """ReLU, k x k convolution, BN."""
+
+    conv: Conv2d
+    norm: BatchNorm
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, padding: int, affine: bool,
+        *, key: PRNGKeyArray,
+    ):
+        self.conv = Conv2d(cin, cout, kernel, stride, padding, key=key)
+        self.norm = BatchNorm(cout, affine)
+
+    def __call__(self, x: Images) -> Images:
+        return self.norm(self.conv(jax.nn.relu(x)))
+
+
+class DilConv(eqx.Module):
+    """ReLU, depthwise k x k (dilated) convolution, pointwise 1x1 convolution, BN."""
+
+    depthwise: Float[Array, "k k cin"]
+    pointwise: Float[Array, "cin cout"]
+    norm: BatchNorm
+    stride: int = eqx.field(static=True)
+    padding: int = eqx.field(static=True)
+    dilation: int = eqx.field(static=True)
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, padding: int, dilation: int,
+        affine: bool, *, key: PRNGKeyArray,
+    ):
+        kd, kp = jax.random.split(key)
+        self.depthwise = _uniform(kd, (kernel, kernel, cin), kernel * kernel)
+        self.pointwise = _uniform(kp, (cin, cout), cin)
+        self.norm = BatchNorm(cout, affine)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def __call__(self, x: Images) -> Images:
+        y = depthwise_conv2d(jax.nn.relu(x), self.depthwise, self.stride, self.padding, self.dilation)
+        return self.norm(pointwise_conv(y, self.pointwise))
+
+
+class SepConv(eqx.Module):
+    """Two stacked DilConv blocks with dilation 1; only the first one strides."""
+
+    first: DilConv
+    second: DilConv
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, padding: int, affine: bool,
+        *, key: PRNGKeyArray,
+    ):
+        k1, k2 = jax.random.split(key)
+        self.first = DilConv(cin, cin, kernel, stride, padding, 1, affine, key=k1)
+        self.second = DilConv(cin, cout, kernel, 1, padding, 1, affine, key=k2)
+
+    def __call__(self, x: Images) -> Images:
+        return self.second(self.first(x))

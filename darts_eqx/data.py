@@ -1,0 +1,6 @@
+"""Data loading for darts_eqx: `load(source)` accepts a Hugging Face `datasets` object or hub name,
+a local path (.npz, `save_to_disk` folder, image folder), NumPy arrays, or nothing (the embedded
+scikit-learn digits)."""
+
+from ._data import digits as digits, from_arrays as from_arrays, from_hf as from_hf
+from ._data import ImageData as ImageData, load as load
