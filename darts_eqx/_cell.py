@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._mixed import MixedOp
-from ._ops import FactorizedReduce, Images, ReLUConvBN
+from ._ops import Earlier, FactorizedReduce, Images, Output, ReLUConvBN
 from ._spaces import SearchSpace
 
 
@@ -39,8 +39,17 @@ class SearchCell(eqx.Module):
     multiplier: int = eqx.field(static=True)
 
     def __init__(
-        self, space: SearchSpace, c_prev_prev: int, c_prev: int, channels: int, reduction: bool,
-        reduction_prev: bool, steps: int = 4, multiplier: int = 4, *, key: PRNGKeyArray,
+        self,
+        space: SearchSpace,
+        c_prev_prev: int,
+        c_prev: int,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        steps: int = 4,
+        multiplier: int = 4,
+        *,
+        key: PRNGKeyArray,
     ):
         k0, k1, ke = jax.random.split(key, 3)
         self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
@@ -58,12 +67,9 @@ class SearchCell(eqx.Module):
         mixed = self.edges[edge_index(node, source)]
         return mixed.ops[mixed.op_names.index(name)]
 
-    def __call__(self, s0: Images, s1: Images, weights: Float[Array, "edges ops"]) -> Images:
+    def __call__(self, s0: Earlier, s1: Images, weights: Float[Array, "edges ops"]) -> Output:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for node in range(self.steps):
-            terms = [
-                self.edges[edge_index(node, i)](h, weights[edge_index(node, i)])
-                for i, h in enumerate(states)
-            ]
+            terms = [self.edges[edge_index(node, i)](h, weights[edge_index(node, i)]) for i, h in enumerate(states)]
             states.append(sum(terms[1:], terms[0]))
         return jnp.concatenate(states[-self.multiplier :], axis=-1)

@@ -13,13 +13,18 @@ DIGITS_DEFAULTS = {"channels": 8, "layers": 3, "epochs": 8, "batch_size": 64}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="darts-eqx", description="Differentiable Architecture Search in JAX + Equinox")
+    parser = argparse.ArgumentParser(
+        prog="darts-eqx", description="Differentiable Architecture Search in JAX + Equinox"
+    )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("search", help="run a first-order DARTS search")
-    s.add_argument("--dataset", default="digits",
-                   help="digits (embedded, default), a Hugging Face name such as cifar10, or a path "
-                        "(.npz, save_to_disk folder, image folder)")
+    s.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (embedded, default), a Hugging Face name such as cifar10, or a path "
+        "(.npz, save_to_disk folder, image folder)",
+    )
     s.add_argument("--space", default="darts", choices=("darts", "seed"))
     s.add_argument("--epochs", type=int)
     s.add_argument("--batch-size", type=int)

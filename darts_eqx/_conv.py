@@ -118,16 +118,14 @@ def depthwise_conv2d(
         )
     # k*k shifted multiply-adds: elementwise work, fast inside XLA:CPU loop bodies.
     views = shifted_windows(x, k, stride, padding, dilation)
-    flat = weight.reshape(k * k, c)
+    flat = weight.reshape(k * k, 1, 1, 1, c)
     out = views[0] * flat[0]
     for view, w in zip(views[1:], flat[1:]):
         out = out + view * w
     return out
 
 
-def pointwise_conv(
-    x: Float[Array, "b h w cin"], weight: Float[Array, "cin cout"]
-) -> Float[Array, "b h w cout"]:
+def pointwise_conv(x: Float[Array, "b h w cin"], weight: Float[Array, "cin cout"]) -> Float[Array, "b h w cout"]:
     """1x1 convolution as a matmul over the channel axis."""
     return jnp.einsum("bhwc,cd->bhwd", x, weight)
 

@@ -47,12 +47,11 @@ def _images(x, what: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise ValueError(f"{what} must have shape [n, height, width] or [n, height, width, channels], got shape {x.shape}")
-    if x.shape[-1] not in (1, 3):
         raise ValueError(
-            f"{what} must have 1 or 3 channels last (NHWC), got shape {x.shape} "
-            f"({x.shape[-1]} channels)"
+            f"{what} must have shape [n, height, width] or [n, height, width, channels], got shape {x.shape}"
         )
+    if x.shape[-1] not in (1, 3):
+        raise ValueError(f"{what} must have 1 or 3 channels last (NHWC), got shape {x.shape} ({x.shape[-1]} channels)")
     if len(x) == 0:
         raise ValueError(f"{what} is empty")
     x = x.astype(np.float32)
@@ -77,8 +76,9 @@ def _labels(y, n: int, what: str) -> np.ndarray:
     return y
 
 
-def from_arrays(x_train, y_train, x_test=None, y_test=None, *, num_classes: int | None = None,
-                name: str = "arrays") -> ImageData:
+def from_arrays(
+    x_train, y_train, x_test=None, y_test=None, *, num_classes: int | None = None, name: str = "arrays"
+) -> ImageData:
     """Validate and normalise NumPy arrays (`uint8` or float pixels, `[n, h, w]` or `[n, h, w, c]`).
 
     `num_classes` defaults to the largest training label + 1.
@@ -92,6 +92,8 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, num_classes: int 
         y_test = _labels(y_test, len(x_test), "test labels")
         if x_test.shape[1:] != x_train.shape[1:]:
             raise ValueError(f"test images have shape {x_test.shape[1:]}, training images {x_train.shape[1:]}")
+    if len(np.unique(y_train)) < 2:
+        raise ValueError(f"training labels hold a single class ({int(y_train[0])}); a classifier needs two or more")
     if num_classes is None:
         num_classes = int(y_train.max()) + 1
     if not isinstance(num_classes, int) or num_classes < 2:
@@ -99,8 +101,6 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, num_classes: int 
     for y, what in ((y_train, "training labels"), (y_test, "test labels")):
         if y is not None and y.max() >= num_classes:
             raise ValueError(f"{what} hold {int(y.max())}, outside [0, {num_classes})")
-    if len(np.unique(y_train)) < 2:
-        raise ValueError(f"training labels hold a single class ({int(y_train[0])}); a classifier needs two or more")
     mean = x_train.mean(axis=(0, 1, 2))
     std = x_train.std(axis=(0, 1, 2))
     if np.any(std == 0):
@@ -110,8 +110,12 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, num_classes: int 
         return None if x is None else ((x - mean) / std).astype(np.float32)
 
     return ImageData(
-        norm(x_train), y_train.astype(np.int32), norm(x_test),
-        None if y_test is None else y_test.astype(np.int32), num_classes, name,
+        norm(x_train),
+        y_train.astype(np.int32),
+        norm(x_test),
+        None if y_test is None else y_test.astype(np.int32),
+        num_classes,
+        name,
     )
 
 
@@ -127,7 +131,6 @@ def digits() -> ImageData:
 
 
 def _column(ds, preferred, feature_type):
-    import datasets
 
     for column, feature in ds.features.items():
         if isinstance(feature, feature_type):
@@ -161,8 +164,7 @@ def _hf_split(ds, image_column, label_column, what):
     return x, np.asarray(ds[label_column]), num_classes
 
 
-def from_hf(ds, *, image_column: str | None = None, label_column: str | None = None,
-            name: str = "hf") -> ImageData:
+def from_hf(ds, *, image_column: str | None = None, label_column: str | None = None, name: str = "hf") -> ImageData:
     """A `datasets.Dataset` (train only) or `DatasetDict` (`train`, optional `test`) with an image
     column (an `Image` feature or one named img/image/pixel_values) and a label column (a
     `ClassLabel` or one named label/labels/fine_label)."""

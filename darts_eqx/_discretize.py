@@ -8,7 +8,7 @@ import numpy as np
 from ._cell import edge_index
 from ._genotype import Genotype, derive_cell
 from ._network import Logits, SearchNetwork, SeedNetwork, Stem, classify
-from ._ops import Images
+from ._ops import Earlier, Images, Output
 
 
 class DiscreteCell(eqx.Module):
@@ -24,12 +24,14 @@ class DiscreteCell(eqx.Module):
 
     def __check_init__(self):
         if len(self.ops) != len(self.inputs) or len(self.ops) % 2:
-            raise ValueError(f"a discrete cell needs two ops per node, got {len(self.ops)} ops, {len(self.inputs)} inputs")
+            raise ValueError(
+                f"a discrete cell needs two ops per node, got {len(self.ops)} ops, {len(self.inputs)} inputs"
+            )
         for k, i in enumerate(self.inputs):
             if not 0 <= i < k // 2 + 2:
                 raise ValueError(f"op {k} of a discrete cell reads state {i}, which node {k // 2} cannot see")
 
-    def __call__(self, s0: Images, s1: Images) -> Images:
+    def __call__(self, s0: Earlier, s1: Images) -> Output:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for k in range(0, len(self.ops), 2):
             a = self.ops[k](states[self.inputs[k]])
@@ -150,4 +152,3 @@ def one_hot_alpha(model, genotype: Genotype, scale: float = 100.0):
         model,
         (cell_logits(model.alpha_normal, genotype.normal), cell_logits(model.alpha_reduce, genotype.reduce)),
     )
-

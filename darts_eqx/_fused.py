@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._cell import SearchCell, edge_index, preprocess
 from ._conv import avg_pool, max_pool
 from ._mixed import MixedOp
-from ._ops import BatchNorm, DilConv, FactorizedReduce, Identity, Images, Pool, SepConv, Zero, _uniform
+from ._ops import DilConv, Earlier, FactorizedReduce, Identity, Images, Output, Pool, SepConv, Zero, _uniform
 from ._spaces import DARTS_SPACE
 
 _CONV_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -54,9 +54,12 @@ def _taps(x: Images, taps, stride: int, margin: int) -> Float[Array, "b ho wo ta
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     xp = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
     views = [
-        lax.slice(xp, (0, margin + dy, margin + dx, 0),
-                  (b, margin + dy + stride * (ho - 1) + 1, margin + dx + stride * (wo - 1) + 1, c),
-                  (1, stride, stride, 1))
+        lax.slice(
+            xp,
+            (0, margin + dy, margin + dx, 0),
+            (b, margin + dy + stride * (ho - 1) + 1, margin + dx + stride * (wo - 1) + 1, c),
+            (1, stride, stride, 1),
+        )
         for dy, dx in taps
     ]
     return jnp.stack(views, axis=3)
@@ -75,8 +78,8 @@ def _stacked_kernel(kernels, tap_index, num_taps: int):
 
 def _group_norm(x: Float[Array, "b h w g c"], eps: float = 1e-5):
     # Non-affine batch norm per (group, channel): each edge's BN, all at once.
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
     return (x - mean) * lax.rsqrt(var + eps)
 
 
@@ -135,7 +138,8 @@ class SourceOps(eqx.Module):
         # Stage 1 of all four conv ops, every edge: one depthwise, one pointwise, one BN.
         k1 = _stacked_kernel(
             (self.sep3_dw1, self.sep5_dw1, self.dil3_dw, self.dil5_dw),
-            [_TAP_INDEX1[op] for op in _CONV_OPS], len(_TAPS1),
+            [_TAP_INDEX1[op] for op in _CONV_OPS],
+            len(_TAPS1),
         )
         cols = _taps(jax.nn.relu(x), _TAPS1, s, _MARGIN1)
         y = jnp.einsum("bhwtc,tgc->bhwgc", cols, k1)
@@ -157,8 +161,10 @@ class SourceOps(eqx.Module):
         else:
             r = jax.nn.relu(x)
             skip = jnp.concatenate(
-                [jnp.einsum("bhwc,ecd->bhwed", r[:, ::2, ::2], self.skip_a),
-                 jnp.einsum("bhwc,ecd->bhwed", r[:, 1::2, 1::2], self.skip_b)],
+                [
+                    jnp.einsum("bhwc,ecd->bhwed", r[:, ::2, ::2], self.skip_a),
+                    jnp.einsum("bhwc,ecd->bhwed", r[:, 1::2, 1::2], self.skip_b),
+                ],
                 axis=4,
             )
             skip = _group_norm(skip)
@@ -194,7 +200,8 @@ class SourceOps(eqx.Module):
             k = _KERNEL[name]
             op = eqx.filter_eval_shape(DilConv, c, c, k, s, k - 1, 2, False, key=key)
             return eqx.tree_at(
-                lambda m: (m.depthwise, m.pointwise), op,
+                lambda m: (m.depthwise, m.pointwise),
+                op,
                 (getattr(self, f"dil{k}_dw")[slot], getattr(self, f"dil{k}_pw")[slot]),
             )
         raise ValueError(f"unknown DARTS op {name!r}; known: {DARTS_SPACE.op_names}")
@@ -202,6 +209,7 @@ class SourceOps(eqx.Module):
 
 def _pad_edges(ops: SourceOps, width: int) -> SourceOps:
     """`ops` with zero weights appended for `width - ops.edges` extra edges."""
+
     def pad(x):
         return jnp.concatenate([x, jnp.zeros((width - x.shape[0],) + x.shape[1:], x.dtype)])
 
@@ -227,8 +235,16 @@ class FusedCell(eqx.Module):
     multiplier: int = eqx.field(static=True)
 
     def __init__(
-        self, c_prev_prev: int, c_prev: int, channels: int, reduction: bool, reduction_prev: bool,
-        steps: int = 4, multiplier: int = 4, *, key: PRNGKeyArray,
+        self,
+        c_prev_prev: int,
+        c_prev: int,
+        channels: int,
+        reduction: bool,
+        reduction_prev: bool,
+        steps: int = 4,
+        multiplier: int = 4,
+        *,
+        key: PRNGKeyArray,
     ):
         k0, k1, ks = jax.random.split(key, 3)
         self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
@@ -239,7 +255,7 @@ class FusedCell(eqx.Module):
         )
         self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
 
-    def __call__(self, s0: Images, s1: Images, weights: Float[Array, "edges ops"]) -> Images:
+    def __call__(self, s0: Earlier, s1: Images, weights: Float[Array, "edges ops"]) -> Output:
         # Two `lax.scan`s over sources (the cell inputs, then the intermediate nodes), each over
         # sources padded to the same edge count, so XLA compiles each body once: compile time is
         # what bounds DARTS on XLA. Padded edges have zero mixing weights and land in spare rows.
@@ -258,7 +274,11 @@ class FusedCell(eqx.Module):
         def stacked(sources):
             padded = [_pad_edges(self.sources[i], width) for i in sources]
             ops = jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
-            return ops, jnp.stack([mix_rows(i) for i in sources]), jnp.array([destinations(i, self.steps)[0] for i in sources])
+            return (
+                ops,
+                jnp.stack([mix_rows(i) for i in sources]),
+                jnp.array([destinations(i, self.steps)[0] for i in sources]),
+            )
 
         def add(nodes, out, base):
             out = jnp.moveaxis(out, 3, 0)  # [width, b, h, w, c]
@@ -291,14 +311,22 @@ class FusedCell(eqx.Module):
     def reference(self) -> SearchCell:
         """The same cell as a per-edge `SearchCell` of `MixedOp`s, sharing these weights."""
         edges = tuple(
-            assemble(MixedOp, ops=tuple(self.edge_op(node, source, n) for n in DARTS_SPACE.op_names),
-                     op_names=DARTS_SPACE.op_names)
+            assemble(
+                MixedOp,
+                ops=tuple(self.edge_op(node, source, n) for n in DARTS_SPACE.op_names),
+                op_names=DARTS_SPACE.op_names,
+            )
             for node in range(self.steps)
             for source in range(node + 2)
         )
         return assemble(
-            SearchCell, preprocess0=self.preprocess0, preprocess1=self.preprocess1, edges=edges,
-            reduction=self.reduction, steps=self.steps, multiplier=self.multiplier,
+            SearchCell,
+            preprocess0=self.preprocess0,
+            preprocess1=self.preprocess1,
+            edges=edges,
+            reduction=self.reduction,
+            steps=self.steps,
+            multiplier=self.multiplier,
         )
 
 

@@ -69,10 +69,7 @@ class Genotype:
         for name, cell, concat in cells:
             for position, (op, index) in enumerate(cell):
                 if op not in allowed:
-                    raise ValueError(
-                        f"genotype {name} cell: op {op!r} is not one of {allowed} "
-                        f"(space {self.space!r})"
-                    )
+                    raise ValueError(f"genotype {name} cell: op {op!r} is not one of {allowed} (space {self.space!r})")
                 if self.space == "darts" and not 0 <= index < position // 2 + 2:
                     raise ValueError(
                         f"genotype {name} cell: pair {position} ({op!r}, {index}) feeds node "
@@ -80,9 +77,7 @@ class Genotype:
                     )
             if self.space == "darts":
                 if len(cell) % 2 or not cell:
-                    raise ValueError(
-                        f"genotype {name} cell has {len(cell)} pairs; DARTS cells have two per node"
-                    )
+                    raise ValueError(f"genotype {name} cell has {len(cell)} pairs; DARTS cells have two per node")
                 nodes = len(cell) // 2 + 2
                 bad = [c for c in concat if not 0 <= c < nodes]
                 if bad or not concat:
@@ -128,7 +123,7 @@ class Genotype:
         extra = sorted(set(obj) - set(_FIELDS) - {"space"})
         if extra:
             raise ValueError(f"genotype JSON has unknown keys {extra}")
-        return cls(**{f: obj[f] for f in _FIELDS}, space=obj.get("space", "darts"))
+        return cls._from_fields(obj, obj.get("space", "darts"))
 
     @classmethod
     def parse(cls, text: str, space: str = "darts") -> "Genotype":
@@ -150,7 +145,15 @@ class Genotype:
         missing = [f for f in _FIELDS if f not in fields]
         if missing:
             raise ValueError(f"genotype string lacks {missing}")
-        return cls(**fields, space=space)
+        return cls._from_fields(fields, space)
+
+    @classmethod
+    def _from_fields(cls, fields: dict, space) -> "Genotype":
+        if not isinstance(space, str):
+            raise ValueError(f"genotype space must be a name, got {space!r}")
+        cells = {f: _cell_ops(fields[f]) for f in ("normal", "reduce")}
+        concats = {f: _concat(fields[f]) for f in ("normal_concat", "reduce_concat")}
+        return cls(**cells, **concats, space=space)
 
 
 def _literal(node):
@@ -174,9 +177,7 @@ def derive_cell(weights: np.ndarray, op_names: tuple[str, ...], steps: int) -> C
     candidates = [i for i, name in enumerate(op_names) if name != "none"]
     expected = sum(2 + j for j in range(steps))
     if weights.shape != (expected, len(op_names)):
-        raise ValueError(
-            f"alpha weights of shape {weights.shape} do not fit {steps} nodes x {len(op_names)} ops"
-        )
+        raise ValueError(f"alpha weights of shape {weights.shape} do not fit {steps} nodes x {len(op_names)} ops")
     if not np.all(np.isfinite(weights)):
         raise ValueError("cannot derive a genotype from non-finite alpha")
     gene = []

@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._ops import Images
+from ._ops import Images, Output
 from ._spaces import SearchSpace
 
 
@@ -54,17 +54,19 @@ class MixedOp(eqx.Module):
     op_names: tuple[str, ...] = eqx.field(static=True)
 
     def __init__(
-        self, space: SearchSpace, channels: int, stride: int, *, key: PRNGKeyArray,
+        self,
+        space: SearchSpace,
+        channels: int,
+        stride: int,
+        *,
+        key: PRNGKeyArray,
         affine: bool = False,
     ):
         keys = jax.random.split(key, len(space.op_names))
-        self.ops = tuple(
-            space.make_op(name, channels, stride, affine, key=k)
-            for name, k in zip(space.op_names, keys)
-        )
+        self.ops = tuple(space.make_op(name, channels, stride, affine, key=k) for name, k in zip(space.op_names, keys))
         self.op_names = space.op_names
 
-    def __call__(self, x: Images, weights: Float[Array, " ops"]) -> Images:
+    def __call__(self, x: Images, weights: Float[Array, " ops"]) -> Output:
         out = None
         for w, name, op in zip(weights, self.op_names, self.ops):
             if name == "none":
@@ -74,4 +76,3 @@ class MixedOp(eqx.Module):
         if out is None:
             raise ValueError(f"mixed op over {self.op_names} has only `none`")
         return out
-

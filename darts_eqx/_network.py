@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._cell import SearchCell, num_edges
 from ._fused import FusedCell
 from ._mixed import ArchLogits, MixedOp
-from ._ops import BatchNorm, Conv2d, Images
+from ._ops import BatchNorm, Conv2d, Images, Output
 from ._spaces import DARTS_SPACE, SEED_SPACE
 
 Logits = Float[Array, "batch classes"]
@@ -34,13 +34,15 @@ class Stem(eqx.Module):
         self.conv = Conv2d(in_channels, channels, 3, 1, 1, key=key)
         self.norm = BatchNorm(channels, affine=True)
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         return self.norm(self.conv(x))
 
 
 def _check_sizes(channels: int, layers: int, in_channels: int, num_classes: int):
     for name, value, low in (
-        ("channels", channels, 1), ("layers", layers, 1), ("in_channels", in_channels, 1),
+        ("channels", channels, 1),
+        ("layers", layers, 1),
+        ("in_channels", in_channels, 1),
         ("num_classes", num_classes, 2),
     ):
         if not isinstance(value, int) or value < low:
@@ -68,9 +70,17 @@ class SearchNetwork(eqx.Module):
     op_names: tuple[str, ...] = eqx.field(static=True)
 
     def __init__(
-        self, channels: int = 16, layers: int = 8, num_classes: int = 10, in_channels: int = 3,
-        steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3, fused: bool = True,
-        *, key: PRNGKeyArray,
+        self,
+        channels: int = 16,
+        layers: int = 8,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        steps: int = 4,
+        multiplier: int = 4,
+        stem_multiplier: int = 3,
+        fused: bool = True,
+        *,
+        key: PRNGKeyArray,
     ):
         _check_sizes(channels, layers, in_channels, num_classes)
         space = DARTS_SPACE
@@ -87,7 +97,9 @@ class SearchNetwork(eqx.Module):
             if fused:
                 cell = FusedCell(c_prev_prev, c_prev, c_curr, reduction, reduction_prev, steps, multiplier, key=k)
             else:
-                cell = SearchCell(space, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, steps, multiplier, key=k)
+                cell = SearchCell(
+                    space, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, steps, multiplier, key=k
+                )
             cells.append(cell)
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, multiplier * c_curr
@@ -118,15 +130,18 @@ class SeedNetwork(eqx.Module):
     op_names: tuple[str, ...] = eqx.field(static=True)
 
     def __init__(
-        self, channels: int = 16, layers: int = 2, num_classes: int = 10, in_channels: int = 3,
-        *, key: PRNGKeyArray,
+        self,
+        channels: int = 16,
+        layers: int = 2,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        *,
+        key: PRNGKeyArray,
     ):
         _check_sizes(channels, layers, in_channels, num_classes)
         k_stem, k_mixed, k_cls, k_alpha = jax.random.split(key, 4)
         self.stem = Stem(in_channels, channels, key=k_stem)
-        self.mixed = tuple(
-            MixedOp(SEED_SPACE, channels, 1, key=k) for k in jax.random.split(k_mixed, layers)
-        )
+        self.mixed = tuple(MixedOp(SEED_SPACE, channels, 1, key=k) for k in jax.random.split(k_mixed, layers))
         self.classifier = eqx.nn.Linear(channels, num_classes, key=k_cls)
         self.alpha = ArchLogits.init(1, len(SEED_SPACE.op_names), key=k_alpha)
         self.op_names = SEED_SPACE.op_names

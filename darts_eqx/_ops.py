@@ -16,6 +16,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._conv import avg_pool, conv2d, depthwise_conv2d, max_pool, pointwise_conv
 
 Images = Float[Array, "batch height width channels"]
+# The output of an op that may stride or change width: same batch, its own spatial size and width.
+Output = Float[Array, "batch _out_height _out_width _out_channels"]
+# A cell's first input, which may come from before a reduction: any spatial size and width.
+Earlier = Float[Array, "batch _in_height _in_width _in_channels"]
 
 
 def _uniform(key, shape, fan_in: int) -> Array:
@@ -44,11 +48,11 @@ class BatchNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Images) -> Images:
-        mean = jnp.mean(x, axis=(0, 1, 2))
-        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
         if self.weight is not None:
-            y = y * self.weight + self.bias
+            y = y * self.weight[None, None, None, :] + self.bias[None, None, None, :]
         return y
 
 
@@ -61,13 +65,20 @@ class Conv2d(eqx.Module):
     dilation: int = eqx.field(static=True)
 
     def __init__(
-        self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0,
-        dilation: int = 1, *, key: PRNGKeyArray,
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        *,
+        key: PRNGKeyArray,
     ):
         self.weight = _uniform(key, (kernel, kernel, cin, cout), cin * kernel * kernel)
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         return conv2d(x, self.weight, self.stride, self.padding, self.dilation)
 
 
@@ -76,7 +87,7 @@ class Zero(eqx.Module):
 
     stride: int = eqx.field(static=True)
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         return jnp.zeros_like(x[:, :: self.stride, :: self.stride, :])
 
 
@@ -101,7 +112,7 @@ class Pool(eqx.Module):
         self.kind, self.stride = kind, stride
         self.norm = BatchNorm(channels, affine=False) if with_norm else None
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         y = max_pool(x, self.stride) if self.kind == "max" else avg_pool(x, self.stride)
         return y if self.norm is None else self.norm(y)
 
@@ -123,11 +134,9 @@ class FactorizedReduce(eqx.Module):
         self.weight_b = _uniform(kb, (cin, cout // 2), cin)
         self.norm = BatchNorm(cout, affine)
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         if x.shape[1] % 2 or x.shape[2] % 2:
-            raise ValueError(
-                f"FactorizedReduce needs even height and width, got {x.shape[1]}x{x.shape[2]}"
-            )
+            raise ValueError(f"FactorizedReduce needs even height and width, got {x.shape[1]}x{x.shape[2]}")
         x = jax.nn.relu(x)
         a = pointwise_conv(x[:, ::2, ::2, :], self.weight_a)
         b = pointwise_conv(x[:, 1::2, 1::2, :], self.weight_b)
@@ -141,13 +150,20 @@ class ReLUConvBN(eqx.Module):
     norm: BatchNorm
 
     def __init__(
-        self, cin: int, cout: int, kernel: int, stride: int, padding: int, affine: bool,
-        *, key: PRNGKeyArray,
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int,
+        padding: int,
+        affine: bool,
+        *,
+        key: PRNGKeyArray,
     ):
         self.conv = Conv2d(cin, cout, kernel, stride, padding, key=key)
         self.norm = BatchNorm(cout, affine)
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         return self.norm(self.conv(jax.nn.relu(x)))
 
 
@@ -162,8 +178,16 @@ class DilConv(eqx.Module):
     dilation: int = eqx.field(static=True)
 
     def __init__(
-        self, cin: int, cout: int, kernel: int, stride: int, padding: int, dilation: int,
-        affine: bool, *, key: PRNGKeyArray,
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        affine: bool,
+        *,
+        key: PRNGKeyArray,
     ):
         kd, kp = jax.random.split(key)
         self.depthwise = _uniform(kd, (kernel, kernel, cin), kernel * kernel)
@@ -171,7 +195,7 @@ class DilConv(eqx.Module):
         self.norm = BatchNorm(cout, affine)
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         y = depthwise_conv2d(jax.nn.relu(x), self.depthwise, self.stride, self.padding, self.dilation)
         return self.norm(pointwise_conv(y, self.pointwise))
 
@@ -183,12 +207,19 @@ class SepConv(eqx.Module):
     second: DilConv
 
     def __init__(
-        self, cin: int, cout: int, kernel: int, stride: int, padding: int, affine: bool,
-        *, key: PRNGKeyArray,
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int,
+        padding: int,
+        affine: bool,
+        *,
+        key: PRNGKeyArray,
     ):
         k1, k2 = jax.random.split(key)
         self.first = DilConv(cin, cin, kernel, stride, padding, 1, affine, key=k1)
         self.second = DilConv(cin, cout, kernel, 1, padding, 1, affine, key=k2)
 
-    def __call__(self, x: Images) -> Images:
+    def __call__(self, x: Images) -> Output:
         return self.second(self.first(x))

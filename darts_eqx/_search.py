@@ -199,7 +199,9 @@ def make_chunk_fn(static, w_opt, a_opt):
     data stays on device and only indices change per call, so nothing recompiles; the state's
     buffers are donated, so a chunk does not hold two copies of the supernet."""
 
+    # A retrace would mean a recompile per chunk (minutes on CPU): make it an error, not a slowdown.
     @eqx.filter_jit(donate="all-except-first")
+    @eqx.debug.assert_max_traces(max_traces=1)
     def chunk(inputs, state):
         images, labels, train_idx, val_idx = inputs
 
@@ -215,8 +217,10 @@ def make_chunk_fn(static, w_opt, a_opt):
 def arch_weights(model) -> dict[str, np.ndarray]:
     """softmax(alpha) of each cell type, by name."""
     if isinstance(model, SearchNetwork):
-        return {"alpha_normal": np.asarray(model.alpha_normal.weights()),
-                "alpha_reduce": np.asarray(model.alpha_reduce.weights())}
+        return {
+            "alpha_normal": np.asarray(model.alpha_normal.weights()),
+            "alpha_reduce": np.asarray(model.alpha_reduce.weights()),
+        }
     return {"alpha": np.asarray(model.alpha.weights())}
 
 
@@ -224,12 +228,20 @@ def _progress(total: int, enabled: bool | None):
     from tqdm.auto import tqdm
 
     # tqdm's disable=None turns the bar off when stderr is not a terminal.
-    return tqdm(total=total, unit="step", disable=None if enabled is None else not enabled,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total, unit="step", disable=None if enabled is None else not enabled, file=sys.stderr, dynamic_ncols=True
+    )
 
 
-def search(key: PRNGKeyArray, data=None, config: SearchConfig | None = None, *,
-           progress: bool | None = None, callback=None, **options) -> SearchResult:
+def search(
+    key: PRNGKeyArray,
+    data=None,
+    config: SearchConfig | None = None,
+    *,
+    progress: bool | None = None,
+    callback=None,
+    **options,
+) -> SearchResult:
     """Run a first-order DARTS search.
 
     **Arguments:**
@@ -261,9 +273,7 @@ def search(key: PRNGKeyArray, data=None, config: SearchConfig | None = None, *,
     model = build_supernet(config, data.image_shape, data.num_classes, key=key_model)
     arch, weights, static = split_arch(model)
     w_opt, a_opt = weight_optimizer(config, steps_per_epoch), arch_optimizer(config)
-    state = SearchState(
-        weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), key_state
-    )
+    state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), key_state)
     order = np.asarray(jax.random.permutation(key_split, n))
     train_pool, val_pool = jnp.asarray(order[:n_train]), jnp.asarray(order[n_train:])
     device_data = (jnp.asarray(data.x_train), jnp.asarray(data.y_train))
@@ -320,5 +330,3 @@ def _check_finite(metrics: StepMetrics, supernet, epoch: int, steps_per_epoch: i
     for name, values in arch_weights(supernet).items():
         if not np.all(np.isfinite(values)):
             raise SearchDiverged(f"{name} became non-finite in epoch {epoch + 1}; the search stopped")
-
-

@@ -33,8 +33,7 @@ class SearchSpace:
     def __post_init__(self):
         if len(self.op_names) != len(self.constructors):
             raise ValueError(
-                f"space {self.name!r}: {len(self.op_names)} op names but "
-                f"{len(self.constructors)} constructors"
+                f"space {self.name!r}: {len(self.op_names)} op names but {len(self.constructors)} constructors"
             )
         if len(set(self.op_names)) != len(self.op_names):
             raise ValueError(f"space {self.name!r}: op names {self.op_names} repeat")
@@ -79,12 +78,24 @@ def _conv(k):
 DARTS_SPACE = SearchSpace(
     name="darts",
     op_names=(
-        "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
-        "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+        "none",
+        "max_pool_3x3",
+        "avg_pool_3x3",
+        "skip_connect",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
     ),
     constructors=(
-        lambda c, s, affine, key: Zero(s), _pool("max"), _pool("avg"), _skip,
-        _sep(3), _sep(5), _dil(3), _dil(5),
+        lambda c, s, affine, key: Zero(s),
+        _pool("max"),
+        _pool("avg"),
+        _skip,
+        _sep(3),
+        _sep(5),
+        _dil(3),
+        _dil(5),
     ),
 )
 

@@ -1,0 +1,12 @@
+import jax
+import pytest
+
+# Implicit rank promotion hides shape bugs; make it an error in the tests.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def getkey():
+    """Deterministic fresh keys: `getkey()` returns a new key each call."""
+    keys = iter(jax.random.split(jax.random.key(1234), 1000))
+    return lambda: next(keys)

@@ -1,0 +1,33 @@
+"""The `darts-eqx` command line: run folder contents and clear one-line errors (exit 2)."""
+
+import json
+
+import numpy as np
+from helpers import tiny_arrays
+
+from darts_eqx._cli import main
+
+
+def test_search_writes_genotype_and_history(tmp_path, capsys):
+    x, y = tiny_arrays()
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
+    out = tmp_path / "run"
+    code = main(["search", "--dataset", str(tmp_path / "d.npz"), "--space", "seed", "--epochs", "2",
+                 "--batch-size", "16", "--channels", "4", "--layers", "1", "--out", str(out)])
+    assert code == 0
+    genotype = json.loads((out / "genotype.json").read_text())
+    assert set(genotype) == {"space", "normal", "normal_concat", "reduce", "reduce_concat"}
+    assert genotype["space"] == "seed" and len(genotype["normal"]) == 1
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc"} <= set(history[0])
+    assert (out / "supernet.eqx").stat().st_size > 0
+    assert capsys.readouterr().out.startswith("Genotype(normal=[(")
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["search", "--dataset", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("darts-eqx: error:") and "nope.npz" in err and "Traceback" not in err
+    code = main(["search", "--batch-size", "5000", "--out", str(tmp_path / "r")])
+    assert code == 2 and "batch_size (=5000)" in capsys.readouterr().err

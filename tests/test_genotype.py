@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+
+import darts_eqx as dx
+from darts_eqx._genotype import derive_cell
+
+# Published with the paper (Liu et al., 2019; quark0/darts, cnn/genotypes.py).
+DARTS_V2 = (
+    "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), "
+    "('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)], normal_concat=[2, 3, 4, 5], "
+    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 1), "
+    "('max_pool_3x3', 0), ('skip_connect', 2), ('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])"
+)
+# PC-DARTS (Xu et al., 2020) writes concat as range(2, 6).
+PC_DARTS = (
+    "Genotype(normal=[('sep_conv_3x3', 1), ('skip_connect', 0), ('sep_conv_3x3', 0), ('dil_conv_3x3', 1), "
+    "('sep_conv_5x5', 0), ('sep_conv_3x3', 1), ('avg_pool_3x3', 0), ('dil_conv_3x3', 1)], normal_concat=range(2, 6), "
+    "reduce=[('sep_conv_5x5', 1), ('max_pool_3x3', 0), ('sep_conv_5x5', 1), ('sep_conv_5x5', 2), "
+    "('sep_conv_3x3', 0), ('sep_conv_3x3', 3), ('sep_conv_3x3', 1), ('sep_conv_3x3', 2)], reduce_concat=range(2, 6))"
+)
+
+
+def test_published_genotypes_round_trip():
+    g = dx.Genotype.parse(DARTS_V2)
+    assert str(g) == DARTS_V2
+    assert g.normal[5] == ("skip_connect", 0) and g.reduce_concat == (2, 3, 4, 5)
+    assert dx.Genotype.from_json(json.dumps(g.to_json())) == g
+    pc = dx.Genotype.parse(PC_DARTS)
+    assert pc.normal_concat == (2, 3, 4, 5)
+    assert dx.Genotype.parse(str(pc)) == pc
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("Genotype(normal=[", "does not parse"),
+        ("Foo(normal=[])", "must be `Genotype"),
+        (DARTS_V2.replace("'sep_conv_3x3', 0", "'sep_conv_9x9', 0", 1), "sep_conv_9x9"),
+        (DARTS_V2.replace("('dil_conv_3x3', 2)", "('dil_conv_3x3', 6)"), r"pair 7 \('dil_conv_3x3', 6\) feeds node 3"),
+        (DARTS_V2.replace("('max_pool_3x3', 0)", "('none', 0)", 1), "'none' is not one of"),
+        (DARTS_V2.replace("normal_concat=[2, 3, 4, 5]", "normal_concat=[2, 9]"), r"normal_concat \[2, 9\]"),
+        (DARTS_V2.replace(", reduce_concat=[2, 3, 4, 5]", ""), "lacks"),
+        (DARTS_V2.replace("[2, 3, 4, 5]", "__import__('os')", 1), "not a literal"),
+    ],
+)
+def test_malformed_genotype_strings_are_clear_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        dx.Genotype.parse(text)
+
+
+def test_malformed_genotype_json_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not parse"):
+        dx.Genotype.from_json("{not json")
+    good = dx.Genotype.parse(DARTS_V2).to_json()
+    with pytest.raises(ValueError, match="unknown keys"):
+        dx.Genotype.from_json({**good, "colour": 1})
+    with pytest.raises(ValueError, match="unknown search space"):
+        dx.Genotype.from_json({**good, "space": "mars"})
+
+
+def test_derive_cell_follows_the_paper_rule():
+    names = dx.DARTS_SPACE.op_names
+    w = np.full((14, 8), 0.1)
+    # node 0 (edges 0, 1): `none` strongest everywhere must be ignored
+    w[0, 0], w[0, 4] = 0.9, 0.3
+    w[1, 0], w[1, 7] = 0.9, 0.2
+    # node 1 (edges 2..4): input 2 strongest (dil_conv_3x3), then input 0 (max_pool)
+    w[2, 1] = 0.5
+    w[4, 6] = 0.8
+    # nodes 2, 3: all equal -> ties go to the lower input index and the lower op index
+    gene = derive_cell(w, names, 4)
+    assert gene[:2] == (("sep_conv_3x3", 0), ("dil_conv_5x5", 1))
+    assert gene[2:4] == (("dil_conv_3x3", 2), ("max_pool_3x3", 0))
+    assert gene[4:] == (("max_pool_3x3", 0), ("max_pool_3x3", 1), ("max_pool_3x3", 0), ("max_pool_3x3", 1))
+    assert all(isinstance(i, int) for _, i in gene)
+    with pytest.raises(ValueError, match="non-finite"):
+        derive_cell(np.where(w > 0.85, np.nan, w), names, 4)
