@@ -12,8 +12,25 @@ def test_search_writes_genotype_and_history(tmp_path, capsys):
     x, y = tiny_arrays()
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
     out = tmp_path / "run"
-    code = main(["search", "--dataset", str(tmp_path / "d.npz"), "--space", "seed", "--epochs", "2",
-                 "--batch-size", "16", "--channels", "4", "--layers", "1", "--out", str(out)])
+    code = main(
+        [
+            "search",
+            "--dataset",
+            str(tmp_path / "d.npz"),
+            "--space",
+            "seed",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--channels",
+            "4",
+            "--layers",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     genotype = json.loads((out / "genotype.json").read_text())
     assert set(genotype) == {"space", "normal", "normal_concat", "reduce", "reduce_concat"}

@@ -28,7 +28,10 @@ def _hf_dataset(n=12, size=8, mode="RGB"):
 
     rng = np.random.default_rng(0)
     channels = 3 if mode == "RGB" else 1
-    images = [Image.fromarray(rng.integers(0, 256, (size, size, channels)[: 2 if mode == "L" else 3], dtype=np.uint8), mode) for _ in range(n)]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size, size, channels)[: 2 if mode == "L" else 3], dtype=np.uint8), mode)
+        for _ in range(n)
+    ]
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
     return datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(n)]}, features=features)
 
@@ -56,7 +59,9 @@ def test_image_folder_of_pngs(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / "train" / label).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / label / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / label / f"{i}.png"
+            )
     d = dx.data.load(str(tmp_path))
     assert d.x_train.shape == (8, 8, 8, 3) and d.num_classes == 2 and sorted(set(d.y_train)) == [0, 1]
 

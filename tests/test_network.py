@@ -67,9 +67,7 @@ def test_fused_cells_compute_the_per_edge_cells(tiny_pair):
 def test_fused_source_gradients_match_per_edge_mixed_ops(getkey, stride, edges):
     # All edges leaving one state: fused SourceOps vs one plain MixedOp per edge, same weights.
     ops = SourceOps(4, edges, stride, key=getkey())
-    mixed = [
-        dx.MixedOp(dx.DARTS_SPACE, 4, stride, key=getkey()) for _ in range(edges)
-    ]
+    mixed = [dx.MixedOp(dx.DARTS_SPACE, 4, stride, key=getkey()) for _ in range(edges)]
     mixed = [
         eqx.tree_at(lambda m: m.ops, m, tuple(ops.edge_op(name, e) for name in dx.DARTS_SPACE.op_names))
         for e, m in enumerate(mixed)

@@ -25,8 +25,15 @@ DIGITS = dx.data.load("digits")
 def darts_result():
     # 2 epochs x 2 chunks of 2 steps: the same compiled chunk runs four times.
     return dx.search(
-        jax.random.key(0), DIGITS, space="darts", channels=4, layers=2, epochs=2, batch_size=64,
-        steps_per_chunk=2, progress=False,
+        jax.random.key(0),
+        DIGITS,
+        space="darts",
+        channels=4,
+        layers=2,
+        epochs=2,
+        batch_size=64,
+        steps_per_chunk=2,
+        progress=False,
     )
 
 
@@ -81,8 +88,18 @@ def test_same_key_same_search_and_other_key_differs():
 def test_divergence_stops_the_search_with_a_message():
     data = dx.data.from_arrays(*tiny_arrays())
     with pytest.raises(dx.SearchDiverged, match=r"non-finite .* at step \d+ \(epoch 1\)"):
-        dx.search(jax.random.key(0), data, space="seed", channels=4, layers=1, epochs=1, batch_size=16,
-                  w_lr=1e30, grad_clip=0.0, progress=False)
+        dx.search(
+            jax.random.key(0),
+            data,
+            space="seed",
+            channels=4,
+            layers=1,
+            epochs=1,
+            batch_size=16,
+            w_lr=1e30,
+            grad_clip=0.0,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize(
@@ -105,6 +122,14 @@ def test_bad_options_fail_before_compiling(options, message):
 
 def test_donated_state_is_not_reused():
     # Donation must not break the returned supernet: it is readable after the search.
-    r = dx.search(jax.random.key(1), dx.data.from_arrays(*tiny_arrays()), space="seed", channels=4, layers=1,
-                  epochs=1, batch_size=16, progress=False)
+    r = dx.search(
+        jax.random.key(1),
+        dx.data.from_arrays(*tiny_arrays()),
+        space="seed",
+        channels=4,
+        layers=1,
+        epochs=1,
+        batch_size=16,
+        progress=False,
+    )
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(eqx.filter(r.supernet, eqx.is_array)))

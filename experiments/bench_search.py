@@ -1,0 +1,76 @@
+"""Benchmark of the scan-fused first-order search step on random data (one JSON line).
+
+    python experiments/bench_search.py --C 8 --layers 5 --batch 32 --image 32 --steps 4
+
+`compile_s` is the first call of a chunk (compile included) minus one chunk's run time;
+`steps_per_s` is timed over a second chunk of `--steps` steps.
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import darts_eqx as dx
+from darts_eqx._search import SearchConfig, SearchState, arch_optimizer, build_supernet, make_chunk_fn, weight_optimizer
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--space", default="darts", choices=("darts", "seed"))
+    parser.add_argument("--order", type=int, default=1, choices=(1,))
+    parser.add_argument("--C", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=4)
+    a = parser.parse_args()
+    config = SearchConfig(space=a.space, channels=a.C, layers=a.layers, batch_size=a.batch)
+    key = jax.random.key(0)
+    model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
+    arch, weights, static = dx.split_arch(model)
+    w_opt, a_opt = weight_optimizer(config, 100), arch_optimizer(config)
+    state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), key)
+    n = 2 * a.steps * a.batch
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(n, a.image, a.image, 3)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
+    idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
+    chunk = make_chunk_fn(static, w_opt, a_opt)
+    inputs = (images, labels, idx[: a.steps], idx[a.steps :])
+    start = time.perf_counter()
+    state, m = chunk(inputs, state)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    state, m = chunk(inputs, state)
+    jax.block_until_ready(m)
+    run = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "impl": "darts_eqx",
+                "space": a.space,
+                "order": a.order,
+                "C": a.C,
+                "layers": a.layers,
+                "batch": a.batch,
+                "image": a.image,
+                "steps": a.steps,
+                "steps_per_s": a.steps / run,
+                "compile_s": first - run,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "backend": jax.default_backend(),
+                "loss_finite": bool(np.all(np.isfinite(np.asarray(m.train_loss)))),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
