@@ -32,6 +32,39 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) 
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def shifted_views(
+    x: Float[Array, "b h w c"],
+    offsets,
+    stride: int,
+    padding: int,
+    pad_value: float = 0.0,
+) -> list[Float[Array, "b ho wo c"]]:
+    """For each `(dy, dx)` in `offsets`, the view of `x` padded by `padding` that output pixel
+    `(i, j)` reads at `(i * stride + dy, j * stride + dx)` (offsets relative to the window's
+    top-left corner minus `padding`). Each is a plain strided slice, so gradients are cheap pads."""
+    b, h, w, c = x.shape
+    span_y = max(dy for dy, _ in offsets) - min(dy for dy, _ in offsets)
+    span_x = max(dx for _, dx in offsets) - min(dx for _, dx in offsets)
+    ho = (h + 2 * padding - span_y - 1) // stride + 1
+    wo = (w + 2 * padding - span_x - 1) // stride + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {h}x{w} is too small for a {span_y + 1}x{span_x + 1} window "
+            f"with stride {stride} and padding {padding}"
+        )
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=pad_value)
+    return [
+        lax.slice(
+            x,
+            (0, padding + dy, padding + dx, 0),
+            (b, padding + dy + stride * (ho - 1) + 1, padding + dx + stride * (wo - 1) + 1, c),
+            (1, stride, stride, 1),
+        )
+        for dy, dx in offsets
+    ]
+
+
 def shifted_windows(
     x: Float[Array, "b h w c"],
     kernel: int,
@@ -40,32 +73,10 @@ def shifted_windows(
     dilation: int = 1,
     pad_value: float = 0.0,
 ) -> list[Float[Array, "b ho wo c"]]:
-    """The kernel*kernel strided views of a padded input that a k x k window visits, in
-    row-major kernel order. Each is a plain slice, so gradients are cheap scatters/pads."""
-    _, h, w, _ = x.shape
-    ho = _out_size(h, kernel, stride, padding, dilation)
-    wo = _out_size(w, kernel, stride, padding, dilation)
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"input of spatial size {h}x{w} is too small for a {kernel}x{kernel} window "
-            f"with stride {stride}, padding {padding}, dilation {dilation}"
-        )
-    if padding:
-        pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-        x = jnp.pad(x, pads, constant_values=pad_value)
-    views = []
-    for i in range(kernel):
-        for j in range(kernel):
-            r, c = i * dilation, j * dilation
-            views.append(
-                lax.slice(
-                    x,
-                    (0, r, c, 0),
-                    (x.shape[0], r + stride * (ho - 1) + 1, c + stride * (wo - 1) + 1, x.shape[3]),
-                    (1, stride, stride, 1),
-                )
-            )
-    return views
+    """The kernel*kernel strided views of a padded input that a k x k (dilated) window visits,
+    in row-major kernel order."""
+    offsets = [(i * dilation - padding, j * dilation - padding) for i in range(kernel) for j in range(kernel)]
+    return shifted_views(x, offsets, stride, padding, pad_value)
 
 
 def conv2d(

@@ -131,7 +131,6 @@ def digits() -> ImageData:
 
 
 def _column(ds, preferred, feature_type):
-
     for column, feature in ds.features.items():
         if isinstance(feature, feature_type):
             return column

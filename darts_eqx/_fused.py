@@ -23,9 +23,21 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, edge_index, preprocess
-from ._conv import avg_pool, max_pool
+from ._conv import avg_pool, max_pool, shifted_views
 from ._mixed import MixedOp
-from ._ops import DilConv, Earlier, FactorizedReduce, Identity, Images, Output, Pool, SepConv, Zero, _uniform
+from ._ops import (
+    DilConv,
+    Earlier,
+    FactorizedReduce,
+    Identity,
+    Images,
+    Output,
+    Pool,
+    SepConv,
+    Zero,
+    _uniform,
+    batch_norm,
+)
 from ._spaces import DARTS_SPACE
 
 _CONV_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -50,19 +62,7 @@ _MARGIN1 = max(abs(d) for t in _TAPS1 for d in t)
 
 def _taps(x: Images, taps, stride: int, margin: int) -> Float[Array, "b ho wo taps c"]:
     """Stack the strided shifted views of `x` (zero padding) for each tap offset."""
-    b, h, w, c = x.shape
-    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
-    views = [
-        lax.slice(
-            xp,
-            (0, margin + dy, margin + dx, 0),
-            (b, margin + dy + stride * (ho - 1) + 1, margin + dx + stride * (wo - 1) + 1, c),
-            (1, stride, stride, 1),
-        )
-        for dy, dx in taps
-    ]
-    return jnp.stack(views, axis=3)
+    return jnp.stack(shifted_views(x, taps, stride, margin), axis=3)
 
 
 def _stacked_kernel(kernels, tap_index, num_taps: int):
@@ -80,20 +80,13 @@ def _stage2(z: Float[Array, "b h w g c"], k2: Float[Array, "taps g c"]) -> Float
     """Per-group depthwise 5x5 (stride 1, padding 2) as shifted multiply-adds: XLA fuses them into
     one elementwise loop. An im2col + einsum here would materialise 25 copies of `z` and contract
     them as a batched matrix-vector product: 5x slower and the largest buffer of the step."""
-    b, h, w, g, c = z.shape
+    h, w = z.shape[1:3]
     zp = jnp.pad(z, ((0, 0), (2, 2), (2, 2), (0, 0), (0, 0)))
     out = None
     for t, (dy, dx) in enumerate(_TAPS2):
         term = zp[:, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w] * k2[t][None, None, None]
         out = term if out is None else out + term
     return out
-
-
-def _group_norm(x: Float[Array, "b h w g c"], eps: float = 1e-5):
-    # Non-affine batch norm per (group, channel): each edge's BN, all at once.
-    mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
-    return (x - mean) * lax.rsqrt(var + eps)
 
 
 class SourceOps(eqx.Module):
@@ -157,15 +150,15 @@ class SourceOps(eqx.Module):
         cols = _taps(jax.nn.relu(x), _TAPS1, s, _MARGIN1)
         y = jnp.einsum("bhwtc,tgc->bhwgc", cols, k1)
         p1 = jnp.concatenate([self.sep3_pw1, self.sep5_pw1, self.dil3_pw, self.dil5_pw], axis=0)
-        y = _group_norm(jnp.einsum("bhwgc,gcd->bhwgd", y, p1))
+        y = batch_norm(jnp.einsum("bhwgc,gcd->bhwgd", y, p1))
         # Stage 2 of the two sep convs: per-edge inputs, one 25-tap depthwise.
         k2 = _stacked_kernel((self.sep3_dw2, self.sep5_dw2), [_TAP_INDEX2[op] for op in _CONV_OPS[:2]], len(_TAPS2))
         z = _stage2(jax.nn.relu(y[:, :, :, : 2 * e]), k2)
         p2 = jnp.concatenate([self.sep3_pw2, self.sep5_pw2], axis=0)
-        z = _group_norm(jnp.einsum("bhwgc,gcd->bhwgd", z, p2))
+        z = batch_norm(jnp.einsum("bhwgc,gcd->bhwgd", z, p2))
         conv_out = jnp.concatenate([z, y[:, :, :, 2 * e :]], axis=3)  # sep3, sep5, dil3, dil5
         # Parameter-free ops, shared by every edge.
-        pools = _group_norm(jnp.stack([max_pool(x, s), avg_pool(x, s)], axis=3))
+        pools = batch_norm(jnp.stack([max_pool(x, s), avg_pool(x, s)], axis=3))
         if s == 1:
             skip = x[:, :, :, None, :]
         else:
@@ -177,7 +170,7 @@ class SourceOps(eqx.Module):
                 ],
                 axis=4,
             )
-            skip = _group_norm(skip)
+            skip = batch_norm(skip)
         w = weights.T[:, None, None, None, :, None]  # [op, 1, 1, 1, e, 1]
         out = w[1] * pools[:, :, :, 0:1] + w[2] * pools[:, :, :, 1:2] + w[3] * skip
         for i in range(4):

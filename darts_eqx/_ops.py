@@ -33,6 +33,14 @@ def _uniform(key, shape, fan_in: int) -> Array:
     return jnp.asarray(rng.uniform(-bound, bound, shape), dtype=jnp.float32)
 
 
+def batch_norm(x: Float[Array, "batch h w *channels"], eps: float = 1e-5) -> Float[Array, "batch h w *channels"]:
+    """Normalise with the statistics of the batch and spatial axes (biased variance), per channel
+    (and per group, for the stacked edges of the fused cell)."""
+    mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 class BatchNorm(eqx.Module):
     """Batch normalisation over the batch and spatial axes with the batch's own statistics
     (biased variance, as PyTorch in training mode). `affine=False` has no parameters, as every
@@ -48,9 +56,7 @@ class BatchNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Images) -> Images:
-        mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2), keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = batch_norm(x, self.eps)
         if self.weight is not None:
             y = y * self.weight[None, None, None, :] + self.bias[None, None, None, :]
         return y
