@@ -1,12 +1,16 @@
-"""Convolution primitives in NHWC, with a formulation chosen per backend.
+"""Convolution primitives in NHWC, with a gradient formulation chosen per backend.
 
-XLA:CPU runs native convolutions inside loop bodies (our scan-fused search) 20-30x slower than
-outside them (jax-ml/jax#12868), and its grouped-convolution backward pass is slow everywhere
-(jax-ml/jax#13800). On CPU we therefore express every convolution as slices plus matmuls or
-elementwise multiply-adds, which XLA:CPU runs at full speed inside loops; on GPU/TPU the native
-convolutions are used. Both formulations compute the same function (tested against each other).
+XLA:CPU runs a convolution fast only in its canonical form (NHWC input, HWIO kernel, NHWC output).
+Outside loops its layout passes rewrite the backward convolutions of `jax.grad` into that form;
+inside a loop body (our scan-fused search) they do not, and those convolutions run 20-40x slower
+(jax-ml/jax#12868; measured in experiments/README.md). On CPU `conv2d` therefore carries a custom
+VJP whose two backward convolutions are written canonically by hand, so a convolution costs the
+same inside `lax.scan` as outside. Elsewhere the plain autodiff rule is used. XLA:CPU's grouped
+(depthwise) convolution is slow in both directions (jax-ml/jax#13800), so a depthwise convolution
+followed by a pointwise one is computed as one dense convolution with the composed kernel.
 """
 
+import functools
 import os
 
 import jax
@@ -14,22 +18,129 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-_IMPLS = ("native", "matmul")
+_IMPLS = ("native", "canonical")
+_DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_impl() -> str:
-    """The convolution formulation used when tracing: `DARTS_EQX_CONV` if set, else `native` on
-    accelerators and `matmul` on CPU."""
+    """The convolution gradient formulation used when tracing: `DARTS_EQX_CONV` if set, else
+    `canonical` (hand-written canonical backward convolutions) on CPU and `native` (JAX's own
+    rule) on accelerators."""
     impl = os.environ.get("DARTS_EQX_CONV")
     if impl is None:
-        return "matmul" if jax.default_backend() == "cpu" else "native"
+        return "canonical" if jax.default_backend() == "cpu" else "native"
     if impl not in _IMPLS:
         raise ValueError(f"DARTS_EQX_CONV (={impl!r}) must be one of {_IMPLS}")
     return impl
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def _conv(x, w, stride: int, padding, dilation: int):
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), (padding, padding), rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _canonical_conv(x, w, stride: int, padding: int, dilation: int):
+    return _conv(x, w, stride, (padding, padding), dilation)
+
+
+def _canonical_fwd(x, w, stride, padding, dilation):
+    return _canonical_conv(x, w, stride, padding, dilation), (x, w)
+
+
+def _canonical_bwd(stride, padding, dilation, residuals, g):
+    x, w = residuals
+    k, size, out = w.shape[0], x.shape[1], g.shape[1]
+    span = dilation * (k - 1)
+    # Input gradient: the stride-dilated cotangent (explicit zeros, not lhs_dilation, which is not
+    # canonical) correlated with the flipped, in/out-swapped kernel.
+    if stride > 1:
+        zero = jnp.zeros((), g.dtype)
+        g_dilated = lax.pad(g, zero, ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)))
+    else:
+        g_dilated = g
+    w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _conv(g_dilated, w_flipped, 1, (span - padding, size - stride * (out - 1) - 1 + padding), dilation)
+    # Kernel gradient: batch and feature axes swapped so that it too is an NHWC x HWIO convolution:
+    # input [cin, H, W, batch], kernel = cotangent [h, w, batch, cout], output [cin, k, k, cout].
+    high = span + stride * (out - 1) + 1 - size - padding
+    dw = lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),
+        g.transpose(1, 2, 0, 3),
+        (dilation, dilation),
+        ((padding, high), (padding, high)),
+        rhs_dilation=(stride, stride),
+        dimension_numbers=_DIMS,
+    )
+    return dx, dw.transpose(1, 2, 0, 3)
+
+
+_canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
+
+
+def conv2d(
+    x: Float[Array, "b h w cin"],
+    weight: Float[Array, "k k cin cout"],
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    impl: str | None = None,
+) -> Float[Array, "b ho wo cout"]:
+    """Dense 2D convolution (cross-correlation, as PyTorch), HWIO weights, no bias; `impl` picks
+    the gradient formulation (default `conv_impl()`), both compute the same function."""
+    impl = impl or conv_impl()
+    if impl == "canonical":
+        return _canonical_conv(x, weight, stride, padding, dilation)
+    if impl != "native":
+        raise ValueError(f"conv impl (={impl!r}) must be one of {_IMPLS}")
+    return _conv(x, weight, stride, (padding, padding), dilation)
+
+
+def depthwise_conv2d(
+    x: Float[Array, "b h w c"],
+    weight: Float[Array, "k k c"],
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> Float[Array, "b ho wo c"]:
+    """Depthwise 2D convolution (PyTorch `groups=channels`), weights [k, k, channels]: XLA's
+    grouped convolution, the reference formulation."""
+    return lax.conv_general_dilated(
+        x,
+        weight[:, :, None, :],
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=_DIMS,
+        feature_group_count=weight.shape[-1],
+    )
+
+
+def separable_kernel(
+    depthwise: Float[Array, "k k cin"], pointwise: Float[Array, "cin cout"]
+) -> Float[Array, "k k cin cout"]:
+    """The dense kernel of a depthwise convolution followed by a pointwise one."""
+    return depthwise[:, :, :, None] * pointwise[None, None]
+
+
+def separable_conv2d(
+    x: Float[Array, "b h w cin"],
+    depthwise: Float[Array, "k k cin"],
+    pointwise: Float[Array, "cin cout"],
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    impl: str | None = None,
+) -> Float[Array, "b ho wo cout"]:
+    """Depthwise k x k convolution then pointwise 1x1 convolution, as one dense convolution with
+    the composed kernel: k*k*cin*cout multiply-adds per pixel instead of k*k*cin + cin*cout, but a
+    single fast kernel on XLA:CPU instead of its slow grouped convolution and an extra pass.
+    With `impl="native"` (accelerators) the two convolutions are applied in turn."""
+    impl = impl or conv_impl()
+    if impl == "native":
+        return pointwise_conv(depthwise_conv2d(x, depthwise, stride, padding, dilation), pointwise)
+    return conv2d(x, separable_kernel(depthwise, pointwise), stride, padding, dilation, impl)
 
 
 def shifted_views(
@@ -77,63 +188,6 @@ def shifted_windows(
     in row-major kernel order."""
     offsets = [(i * dilation - padding, j * dilation - padding) for i in range(kernel) for j in range(kernel)]
     return shifted_views(x, offsets, stride, padding, pad_value)
-
-
-def conv2d(
-    x: Float[Array, "b h w cin"],
-    weight: Float[Array, "k k cin cout"],
-    stride: int = 1,
-    padding: int = 0,
-    dilation: int = 1,
-    impl: str | None = None,
-) -> Float[Array, "b ho wo cout"]:
-    """Dense 2D convolution (cross-correlation, as PyTorch), HWIO weights, no bias."""
-    impl = impl or conv_impl()
-    k = weight.shape[0]
-    if impl == "native":
-        return lax.conv_general_dilated(
-            x,
-            weight,
-            window_strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
-            rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-    if k == 1 and padding == 0:
-        return pointwise_conv(x[:, ::stride, ::stride, :], weight[0, 0])
-    # im2col: one matmul over the concatenated windows, (i, j, cin) order matching HWIO.
-    cols = jnp.concatenate(shifted_windows(x, k, stride, padding, dilation), axis=-1)
-    return jnp.einsum("bhwk,ko->bhwo", cols, weight.reshape(-1, weight.shape[-1]))
-
-
-def depthwise_conv2d(
-    x: Float[Array, "b h w c"],
-    weight: Float[Array, "k k c"],
-    stride: int = 1,
-    padding: int = 0,
-    dilation: int = 1,
-    impl: str | None = None,
-) -> Float[Array, "b ho wo c"]:
-    """Depthwise 2D convolution (PyTorch `groups=channels`), weights [k, k, channels]."""
-    impl = impl or conv_impl()
-    k, _, c = weight.shape
-    if impl == "native":
-        return lax.conv_general_dilated(
-            x,
-            weight[:, :, None, :],
-            window_strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
-            rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=c,
-        )
-    # k*k shifted multiply-adds: elementwise work, fast inside XLA:CPU loop bodies.
-    views = shifted_windows(x, k, stride, padding, dilation)
-    flat = weight.reshape(k * k, 1, 1, 1, c)
-    out = views[0] * flat[0]
-    for view, w in zip(views[1:], flat[1:]):
-        out = out + view * w
-    return out
 
 
 def pointwise_conv(x: Float[Array, "b h w cin"], weight: Float[Array, "cin cout"]) -> Float[Array, "b h w cout"]:

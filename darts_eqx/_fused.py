@@ -3,14 +3,18 @@
 Every edge that leaves one state applies the same candidate ops to the same input, so the supernet
 computes them together:
 - parameter-free ops (max/avg pool + non-affine BN, identity) once per source, shared by its edges;
-- the convolutional ops of all its edges stacked on a group axis `[batch, h, w, group, channels]`:
-  the first depthwise stage of sep_conv_3x3/5x5 and dil_conv_3x3/5x5 for every edge is one
-  41-tap depthwise convolution (the union of their footprints), their pointwise convolutions one
-  batched matmul, their BNs one BN (statistics stay per edge and channel, so nothing changes).
+- the first stage (ReLU, depthwise, pointwise) of sep_conv_3x3/5x5 and dil_conv_3x3/5x5 on every
+  edge: per op one dense convolution of the shared input whose kernel is each edge's depthwise
+  kernel times its pointwise matrix, edges side by side on the output axis; one BN for all of them
+  (statistics stay per edge and channel, so nothing changes);
+- the second stage of the sep convs: one dense composed convolution per edge.
 
-This makes the program ~7x smaller than per-edge mixed ops (XLA's compile time follows program size)
-and gives XLA fewer, larger kernels. It computes exactly what the per-edge `SearchCell` computes:
-`FusedCell.reference()` builds that cell with the same weights, and the tests compare the two.
+XLA:CPU runs dense convolutions near the machine's peak and grouped (depthwise) ones 5-10x slower
+than that, so the composed kernels' extra multiply-adds are cheaper than the grouped convolutions
+they replace (experiments/README.md has the figures). The cell is also ~7x smaller as a program than
+per-edge mixed ops (XLA's compile time follows program size). It computes exactly what the
+per-edge `SearchCell` computes: `FusedCell.reference()` builds that cell with the same weights, and
+the tests compare the two (the reference traced with plain grouped convolutions).
 """
 
 import dataclasses
@@ -23,7 +27,7 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, edge_index, preprocess
-from ._conv import avg_pool, max_pool, shifted_views
+from ._conv import avg_pool, conv2d, max_pool, separable_kernel
 from ._mixed import MixedOp
 from ._ops import (
     DilConv,
@@ -45,48 +49,11 @@ _KERNEL = {"sep_conv_3x3": 3, "sep_conv_5x5": 5, "dil_conv_3x3": 3, "dil_conv_5x
 _DILATION = {"sep_conv_3x3": 1, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 2}
 
 
-def _footprint(kernel: int, dilation: int) -> list[tuple[int, int]]:
-    half = (kernel // 2) * dilation
-    offsets = range(-half, half + 1, dilation)
-    return [(dy, dx) for dy in offsets for dx in offsets]
-
-
-# Stage 1 taps: the union of the four ops' footprints (41 offsets), each op's kernel positions
-# located in it; stage 2 (second half of the sep convs) taps: the 5x5 footprint.
-_TAPS1 = sorted({t for op in _CONV_OPS for t in _footprint(_KERNEL[op], _DILATION[op])})
-_TAP_INDEX1 = {op: np.array([_TAPS1.index(t) for t in _footprint(_KERNEL[op], _DILATION[op])]) for op in _CONV_OPS}
-_TAPS2 = _footprint(5, 1)
-_TAP_INDEX2 = {op: np.array([_TAPS2.index(t) for t in _footprint(_KERNEL[op], 1)]) for op in _CONV_OPS[:2]}
-_MARGIN1 = max(abs(d) for t in _TAPS1 for d in t)
-
-
-def _taps(x: Images, taps, stride: int, margin: int) -> Float[Array, "b ho wo taps c"]:
-    """Stack the strided shifted views of `x` (zero padding) for each tap offset."""
-    return jnp.stack(shifted_views(x, taps, stride, margin), axis=3)
-
-
-def _stacked_kernel(kernels, tap_index, num_taps: int):
-    """Embed per-op kernels `[edges, k, k, c]` into one `[taps, ops*edges, c]` kernel (zeros
-    where an op has no tap)."""
-    parts = []
-    for kernel, index in zip(kernels, tap_index):
-        e, k, _, c = kernel.shape
-        flat = jnp.transpose(kernel.reshape(e, k * k, c), (1, 0, 2))
-        parts.append(jnp.zeros((num_taps, e, c), kernel.dtype).at[index].set(flat))
-    return jnp.concatenate(parts, axis=1)
-
-
-def _stage2(z: Float[Array, "b h w g c"], k2: Float[Array, "taps g c"]) -> Float[Array, "b h w g c"]:
-    """Per-group depthwise 5x5 (stride 1, padding 2) as shifted multiply-adds: XLA fuses them into
-    one elementwise loop. An im2col + einsum here would materialise 25 copies of `z` and contract
-    them as a batched matrix-vector product: 5x slower and the largest buffer of the step."""
-    h, w = z.shape[1:3]
-    zp = jnp.pad(z, ((0, 0), (2, 2), (2, 2), (0, 0), (0, 0)))
-    out = None
-    for t, (dy, dx) in enumerate(_TAPS2):
-        term = zp[:, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w] * k2[t][None, None, None]
-        out = term if out is None else out + term
-    return out
+def _edge_kernels(depthwise: Float[Array, "e k k c"], pointwise: Float[Array, "e c d"]) -> Float[Array, "k k c e*d"]:
+    """One dense kernel applying every edge's depthwise-then-pointwise pair to a shared input,
+    edges side by side on the output axis."""
+    e, k, _, c = depthwise.shape
+    return jnp.einsum("eijc,ecd->ijced", depthwise, pointwise).reshape(k, k, c, e * pointwise.shape[-1])
 
 
 class SourceOps(eqx.Module):
@@ -140,22 +107,37 @@ class SourceOps(eqx.Module):
     def __call__(self, x: Images, weights: Float[Array, "e 8"]) -> Float[Array, "b ho wo e c"]:
         """Mixed-op outputs of every edge leaving `x`, weighted by softmax(alpha) rows `weights`
         (columns in `DARTS_SPACE.op_names` order)."""
-        e, s = self.edges, self.stride
-        # Stage 1 of all four conv ops, every edge: one depthwise, one pointwise, one BN.
-        k1 = _stacked_kernel(
-            (self.sep3_dw1, self.sep5_dw1, self.dil3_dw, self.dil5_dw),
-            [_TAP_INDEX1[op] for op in _CONV_OPS],
-            len(_TAPS1),
+        e, s, c = self.edges, self.stride, self.channels
+        # Stage 1 of the four conv ops: per op, one dense convolution of relu(x) to every edge's
+        # (depthwise o pointwise) output at once; then one BN over all of them.
+        r = jax.nn.relu(x)
+        firsts = (
+            (self.sep3_dw1, self.sep3_pw1),
+            (self.sep5_dw1, self.sep5_pw1),
+            (self.dil3_dw, self.dil3_pw),
+            (self.dil5_dw, self.dil5_pw),
         )
-        cols = _taps(jax.nn.relu(x), _TAPS1, s, _MARGIN1)
-        y = jnp.einsum("bhwtc,tgc->bhwgc", cols, k1)
-        p1 = jnp.concatenate([self.sep3_pw1, self.sep5_pw1, self.dil3_pw, self.dil5_pw], axis=0)
-        y = batch_norm(jnp.einsum("bhwgc,gcd->bhwgd", y, p1))
-        # Stage 2 of the two sep convs: per-edge inputs, one 25-tap depthwise.
-        k2 = _stacked_kernel((self.sep3_dw2, self.sep5_dw2), [_TAP_INDEX2[op] for op in _CONV_OPS[:2]], len(_TAPS2))
-        z = _stage2(jax.nn.relu(y[:, :, :, : 2 * e]), k2)
-        p2 = jnp.concatenate([self.sep3_pw2, self.sep5_pw2], axis=0)
-        z = batch_norm(jnp.einsum("bhwgc,gcd->bhwgd", z, p2))
+        y = jnp.concatenate(
+            [
+                conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op])
+                for op, (dw, pw) in zip(_CONV_OPS, firsts)
+            ],
+            axis=-1,
+        )
+        b, ho, wo = y.shape[:3]
+        y = batch_norm(y.reshape(b, ho, wo, 4 * e, c))  # groups: sep3, sep5, dil3, dil5 x edges
+        # Stage 2 of the two sep convs: every edge has its own input, so one convolution per edge.
+        z = jax.nn.relu(y[:, :, :, : 2 * e])
+        seconds = ((self.sep3_dw2, self.sep3_pw2), (self.sep5_dw2, self.sep5_pw2))
+        z = jnp.stack(
+            [
+                conv2d(z[:, :, :, j * e + i], separable_kernel(dw[i], pw[i]), 1, dw.shape[1] // 2)
+                for j, (dw, pw) in enumerate(seconds)
+                for i in range(e)
+            ],
+            axis=3,
+        )
+        z = batch_norm(z)
         conv_out = jnp.concatenate([z, y[:, :, :, 2 * e :]], axis=3)  # sep3, sep5, dil3, dil5
         # Parameter-free ops, shared by every edge.
         pools = batch_norm(jnp.stack([max_pool(x, s), avg_pool(x, s)], axis=3))
@@ -263,34 +245,29 @@ class FusedCell(eqx.Module):
         # sources padded to the same edge count, so XLA compiles each body once: compile time is
         # what bounds DARTS on XLA. Padded edges have zero mixing weights and land in spare rows.
         h0, h1 = self.preprocess0(s0), self.preprocess1(s1)
-        width = self.steps  # most edges any source has
         b, h, w, c = h1.shape
         stride = self.sources[0].stride
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-        nodes = jnp.zeros((self.steps + width, b, ho, wo, c), h1.dtype)
-
-        def mix_rows(source):
-            dests = destinations(source, self.steps)
-            index = np.array([edge_index(j, source) for j in dests])
-            return jnp.zeros((width, weights.shape[1]), weights.dtype).at[: len(dests)].set(weights[index])
+        nodes = jnp.zeros((2 * self.steps, b, ho, wo, c), h1.dtype)
 
         def stacked(sources):
+            width = max(len(destinations(i, self.steps)) for i in sources)
             padded = [_pad_edges(self.sources[i], width) for i in sources]
-            ops = jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
-            return (
-                ops,
-                jnp.stack([mix_rows(i) for i in sources]),
-                jnp.array([destinations(i, self.steps)[0] for i in sources]),
-            )
+            mix = []
+            for i in sources:
+                dests = destinations(i, self.steps)
+                rows = weights[np.array([edge_index(j, i) for j in dests])]
+                mix.append(jnp.zeros((width, weights.shape[1]), weights.dtype).at[: len(dests)].set(rows))
+            base = jnp.array([destinations(i, self.steps)[0] for i in sources])
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *padded), jnp.stack(mix), base
 
         def add(nodes, out, base):
             out = jnp.moveaxis(out, 3, 0)  # [width, b, h, w, c]
-            current = lax.dynamic_slice_in_dim(nodes, base, width, axis=0)
+            current = lax.dynamic_slice_in_dim(nodes, base, out.shape[0], axis=0)
             return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
 
-        # Rematerialise each source's ops in the backward pass, keeping only matmul outputs: the
-        # residuals of every tap and elementwise stage otherwise make a paper-size step (C=16,
-        # 8 cells, batch 64, 32x32) ask XLA for a 38 GB buffer.
+        # Rematerialise each source's ops in the backward pass, keeping only convolution and matmul
+        # outputs: a third less memory at C=8 (2.7 GB peak instead of 4.7 GB) for the same speed.
         apply = jax.checkpoint(lambda ops_i, x, mix_i: ops_i(x, mix_i), policy=jax.checkpoint_policies.dots_saveable)
         ops, mix, base = stacked((0, 1))
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._conv import avg_pool, conv2d, depthwise_conv2d, max_pool, pointwise_conv
+from ._conv import avg_pool, conv2d, max_pool, pointwise_conv, separable_conv2d
 
 Images = Float[Array, "batch height width channels"]
 # The output of an op that may stride or change width: same batch, its own spatial size and width.
@@ -202,8 +202,8 @@ class DilConv(eqx.Module):
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
     def __call__(self, x: Images) -> Output:
-        y = depthwise_conv2d(jax.nn.relu(x), self.depthwise, self.stride, self.padding, self.dilation)
-        return self.norm(pointwise_conv(y, self.pointwise))
+        y = separable_conv2d(jax.nn.relu(x), self.depthwise, self.pointwise, self.stride, self.padding, self.dilation)
+        return self.norm(y)
 
 
 class SepConv(eqx.Module):

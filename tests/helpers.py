@@ -1,3 +1,6 @@
+import contextlib
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,3 +29,18 @@ def tiny_arrays(n=96, size=8, classes=3, seed=0):
         r, q = divmod(c, 2)
         x[y == c, r * half : (r + 1) * half, q * half : (q + 1) * half] += 2.0
     return x, y
+
+
+@contextlib.contextmanager
+def conv_impl(name: str):
+    """Trace convolutions with formulation `name` inside the block (`DARTS_EQX_CONV`); `native` is
+    the plain reference: XLA's own (grouped) convolutions and JAX's own gradients."""
+    old = os.environ.get("DARTS_EQX_CONV")
+    os.environ["DARTS_EQX_CONV"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DARTS_EQX_CONV"]
+        else:
+            os.environ["DARTS_EQX_CONV"] = old

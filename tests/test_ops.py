@@ -1,4 +1,5 @@
-"""Each CPU formulation of a convolution or pool against XLA's native op (the plain reference)."""
+"""Each fast formulation of a convolution or pool against the plain reference (XLA's own op and
+JAX's own gradient)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,30 +7,73 @@ import numpy as np
 import pytest
 from jax import lax
 
-from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, max_pool
+from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, max_pool, separable_conv2d
 from darts_eqx._ops import BatchNorm, FactorizedReduce
 
+CONV_CASES = [
+    (1, 1, 0, 1),
+    (1, 2, 0, 1),
+    (3, 1, 1, 1),
+    (3, 2, 1, 1),
+    (5, 1, 2, 1),
+    (5, 2, 2, 1),
+    (3, 1, 2, 2),
+    (5, 2, 4, 2),
+]
 
-@pytest.mark.parametrize(
-    "k,stride,padding,dilation", [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (3, 1, 2, 2), (5, 2, 4, 2)]
-)
-def test_conv2d_matmul_matches_native(getkey, k, stride, padding, dilation):
-    x = jax.random.normal(getkey(), (2, 8, 8, 3))
+
+def _value_and_grads(f, *args):
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args)))))(*args)
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation", CONV_CASES)
+@pytest.mark.parametrize("size", [8, 7])
+def test_canonical_conv_gradients_match_autodiff(getkey, k, stride, padding, dilation, size):
+    # The hand-written canonical backward convolutions against JAX's own transpose rule.
+    x = jax.random.normal(getkey(), (2, size, size, 3))
     w = jax.random.normal(getkey(), (k, k, 3, 5))
-    got = conv2d(x, w, stride, padding, dilation, impl="matmul")
-    want = conv2d(x, w, stride, padding, dilation, impl="native")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = _value_and_grads(lambda x, w: conv2d(x, w, stride, padding, dilation, impl="canonical"), x, w)
+    want = _value_and_grads(
+        lambda x, w: lax.conv_general_dilated(
+            x,
+            w,
+            (stride,) * 2,
+            ((padding, padding),) * 2,
+            rhs_dilation=(dilation,) * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        ),
+        x,
+        w,
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, h in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "k,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (3, 2, 2, 2), (5, 1, 4, 2)]
-)
-def test_depthwise_matmul_matches_native(getkey, k, stride, padding, dilation):
+@pytest.mark.parametrize("k,stride,padding,dilation", [c for c in CONV_CASES if c[0] > 1])
+def test_separable_conv_matches_depthwise_then_pointwise(getkey, k, stride, padding, dilation):
+    # The composed dense kernel against XLA's grouped depthwise convolution followed by a matmul.
     x = jax.random.normal(getkey(), (2, 8, 8, 4))
-    w = jax.random.normal(getkey(), (k, k, 4))
-    got = depthwise_conv2d(x, w, stride, padding, dilation, impl="matmul")
-    want = depthwise_conv2d(x, w, stride, padding, dilation, impl="native")
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dw = jax.random.normal(getkey(), (k, k, 4))
+    pw = jax.random.normal(getkey(), (4, 6))
+    got = _value_and_grads(lambda *a: separable_conv2d(*a, stride, padding, dilation, impl="canonical"), x, dw, pw)
+    want = _value_and_grads(
+        lambda x, dw, pw: jnp.einsum("bhwc,cd->bhwd", depthwise_conv2d(x, dw, stride, padding, dilation), pw), x, dw, pw
+    )
+    native = _value_and_grads(lambda *a: separable_conv2d(*a, stride, padding, dilation, impl="native"), x, dw, pw)
+    for result in (got, native):
+        np.testing.assert_allclose(result[0], want[0], rtol=1e-5)
+        for g, h in zip(result[1], want[1]):
+            np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_conv_impl_is_an_error(getkey, monkeypatch):
+    x, w = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+    with pytest.raises(ValueError, match="'matmul'"):
+        conv2d(x, w, impl="matmul")
+    monkeypatch.setenv("DARTS_EQX_CONV", "fast")
+    with pytest.raises(ValueError, match="DARTS_EQX_CONV"):
+        conv2d(x, w)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
