@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._mixed import MixedOp
+from ._mixed import MixedOp, partial_channel_edge
 from ._ops import Earlier, FactorizedReduce, Images, Output, ReLUConvBN
 from ._spaces import SearchSpace
 
@@ -28,8 +28,20 @@ def preprocess(cin: int, cout: int, reduce_input: bool, affine: bool, *, key: PR
     return ReLUConvBN(cin, cout, 1, 1, 0, affine, key=key)
 
 
+def check_partial_channels(channels: int, k: int):
+    """PC-DARTS sends channels/k channels of every edge through its mixed op: k must divide them."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`partial_channels` (={k!r}) must be a positive integer")
+    if channels % k:
+        raise ValueError(f"`partial_channels` (={k}) must divide the cell's channel count ({channels})")
+
+
 class SearchCell(eqx.Module):
-    """One cell of the supernet. Edges from the two cell inputs stride 2 in a reduction cell."""
+    """One cell of the supernet. Edges from the two cell inputs stride 2 in a reduction cell.
+
+    With `partial_channels=k > 1` each edge is a PC-DARTS edge (`partial_channel_edge`: the mixed
+    op, built at channels/k, sees 1/k of the channels) and node j sums its edges weighted by the
+    edge-normalisation weights passed to `__call__`."""
 
     preprocess0: eqx.Module
     preprocess1: eqx.Module
@@ -37,6 +49,7 @@ class SearchCell(eqx.Module):
     reduction: bool = eqx.field(static=True)
     steps: int = eqx.field(static=True)
     multiplier: int = eqx.field(static=True)
+    partial_channels: int = eqx.field(static=True, default=1)
 
     def __init__(
         self,
@@ -48,28 +61,43 @@ class SearchCell(eqx.Module):
         reduction_prev: bool,
         steps: int = 4,
         multiplier: int = 4,
+        partial_channels: int = 1,
         *,
         key: PRNGKeyArray,
     ):
+        check_partial_channels(channels, partial_channels)
         k0, k1, ke = jax.random.split(key, 3)
         self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
         self.preprocess1 = preprocess(c_prev, channels, False, False, key=k1)
         keys = iter(jax.random.split(ke, num_edges(steps)))
         self.edges = tuple(
-            MixedOp(space, channels, 2 if reduction and source < 2 else 1, key=next(keys))
+            MixedOp(space, channels // partial_channels, 2 if reduction and source < 2 else 1, key=next(keys))
             for node in range(steps)
             for source in range(node + 2)
         )
         self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
+        self.partial_channels = partial_channels
 
     def edge_op(self, node: int, source: int, name: str) -> eqx.Module:
         """The op module `name` on the edge `source -> node`."""
         mixed = self.edges[edge_index(node, source)]
         return mixed.ops[mixed.op_names.index(name)]
 
-    def __call__(self, s0: Earlier, s1: Images, weights: Float[Array, "edges ops"]) -> Output:
+    def __call__(
+        self,
+        s0: Earlier,
+        s1: Images,
+        weights: Float[Array, "edges ops"],
+        edge_weights: Float[Array, " edges"] | None = None,
+    ) -> Output:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        k = self.partial_channels
         for node in range(self.steps):
-            terms = [self.edges[edge_index(node, i)](h, weights[edge_index(node, i)]) for i, h in enumerate(states)]
+            terms = []
+            for i, h in enumerate(states):
+                e = edge_index(node, i)
+                stride = 2 if self.reduction and i < 2 else 1
+                term = partial_channel_edge(self.edges[e], h, weights[e], k, stride)
+                terms.append(term if edge_weights is None else edge_weights[e] * term)
             states.append(sum(terms[1:], terms[0]))
         return jnp.concatenate(states[-self.multiplier :], axis=-1)

@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--channels", type=int, help="initial channels C")
     s.add_argument("--layers", type=int, help="number of cells (darts) or mixed layers (seed)")
     s.add_argument("--steps-per-chunk", type=int, help="search steps fused into one compiled call (default: an epoch)")
+    s.add_argument(
+        "--partial-channels",
+        type=int,
+        help="PC-DARTS: send 1/K of each edge's channels through its mixed op, with edge normalisation",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="run folder (default: a new folder under runs/)")
     s.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -55,7 +60,7 @@ def _search(args) -> None:
 
     data = load(args.dataset)
     options = dict(DIGITS_DEFAULTS) if data.name == "digits" else {}
-    for name in ("epochs", "batch_size", "channels", "layers", "steps_per_chunk"):
+    for name in ("epochs", "batch_size", "channels", "layers", "steps_per_chunk", "partial_channels"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     config = SearchConfig(space=args.space).replace(**options)

@@ -75,8 +75,9 @@ def derive_genotype(model: SearchNetwork | SeedNetwork) -> Genotype:
     if isinstance(model, SearchNetwork):
         steps, multiplier = model.cells[0].steps, model.cells[0].multiplier
         concat = tuple(range(2 + steps - multiplier, 2 + steps))
-        normal = derive_cell(np.asarray(model.alpha_normal.weights()), model.op_names, steps)
-        reduce = derive_cell(np.asarray(model.alpha_reduce.weights()), model.op_names, steps)
+        strengths = model.edge_strengths()
+        normal = derive_cell(strengths["normal"], model.op_names, steps)
+        reduce = derive_cell(strengths["reduce"], model.op_names, steps)
         return Genotype(normal, concat, reduce, concat, space="darts")
     if isinstance(model, SeedNetwork):
         weights = np.asarray(model.alpha.weights()[0])
@@ -111,6 +112,11 @@ def discretize(model: SearchNetwork | SeedNetwork, genotype: Genotype | None = N
     if genotype is None:
         genotype = derive_genotype(model)
     if isinstance(model, SearchNetwork):
+        if model.beta_normal is not None:
+            raise ValueError(
+                "a partial-channel (PC-DARTS) supernet's ops see 1/k of the channels, so its weights do "
+                "not fit the full-width network: build the genotype's network and train it from scratch"
+            )
         if genotype.space != "darts":
             raise ValueError(f"a DARTS supernet cannot take a {genotype.space!r}-space genotype")
         cells = tuple(

@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._ops import Images, Output
@@ -27,9 +28,30 @@ class ArchLogits(eqx.Module):
         return ArchLogits(scale * jax.random.normal(key, (edges, ops)))
 
 
+class EdgeLogits(eqx.Module):
+    """PC-DARTS edge-normalisation logits beta, one per edge of a cell: node j weighs its incoming
+    edges by softmax(beta) over those edges (Xu et al., ICLR 2020, Sec. 3.3)."""
+
+    logits: Float[Array, " edges"]
+    steps: int = eqx.field(static=True)
+
+    def weights(self) -> Float[Array, " edges"]:
+        """softmax(beta) within each node's incoming edges (2, 3, 4, ... of them)."""
+        parts, start = [], 0
+        for node in range(self.steps):
+            parts.append(jax.nn.softmax(self.logits[start : start + node + 2]))
+            start += node + 2
+        return jnp.concatenate(parts)
+
+    @staticmethod
+    def init(steps: int, *, key: PRNGKeyArray, scale: float = 1e-3) -> "EdgeLogits":
+        """beta = scale * N(0, 1), as PC-DARTS (scale 1e-3)."""
+        return EdgeLogits(scale * jax.random.normal(key, (sum(2 + j for j in range(steps)),)), steps)
+
+
 def is_arch(node) -> bool:
-    """True for the architecture leaves (`ArchLogits`)."""
-    return isinstance(node, ArchLogits)
+    """True for the architecture leaves (`ArchLogits`, and `EdgeLogits` with partial channels)."""
+    return isinstance(node, (ArchLogits, EdgeLogits))
 
 
 def split_arch(model):
@@ -76,3 +98,30 @@ class MixedOp(eqx.Module):
         if out is None:
             raise ValueError(f"mixed op over {self.op_names} has only `none`")
         return out
+
+
+def channel_shuffle(x: Float[Array, "*batch c"], groups: int) -> Float[Array, "*batch c"]:
+    """ShuffleNet's channel shuffle on the last axis: `groups` blocks of channels interleaved."""
+    c = x.shape[-1]
+    x = x.reshape(x.shape[:-1] + (groups, c // groups))
+    return jnp.swapaxes(x, -1, -2).reshape(x.shape[:-2] + (c,))
+
+
+def partial_channel_bypass(x: Images, part: int, stride: int) -> Output:
+    """The channels a PC-DARTS edge does not send through its mixed op, at the output resolution
+    (2x2 max pool at stride 2, as PC-DARTS)."""
+    rest = x[..., part:]
+    if stride == 1:
+        return rest
+    b, h, w, c = rest.shape
+    return rest.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def partial_channel_edge(mixed: "MixedOp", x: Images, weights: Float[Array, " ops"], k: int, stride: int) -> Output:
+    """A PC-DARTS edge: the mixed op on the first 1/k of the channels, the rest bypassing it, then a
+    channel shuffle with k groups (Xu et al., ICLR 2020, Sec. 3.2). k=1 is the plain mixed op."""
+    if k == 1:
+        return mixed(x, weights)
+    part = x.shape[-1] // k
+    out = jnp.concatenate([mixed(x[..., :part], weights), partial_channel_bypass(x, part, stride)], axis=-1)
+    return channel_shuffle(out, k)

@@ -3,11 +3,12 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, num_edges
 from ._fused import FusedCell
-from ._mixed import ArchLogits, MixedOp
+from ._mixed import ArchLogits, EdgeLogits, MixedOp
 from ._ops import BatchNorm, Conv2d, Images, Output
 from ._spaces import DARTS_SPACE, SEED_SPACE
 
@@ -60,6 +61,11 @@ class SearchNetwork(eqx.Module):
     `fused=True` (default) computes each cell source by source (`FusedCell`, fast to compile and
     run); `fused=False` builds the plain per-edge `SearchCell`s of `MixedOp`s. Both compute the
     same function.
+
+    `partial_channels=k > 1` makes it a PC-DARTS supernet (Xu et al., ICLR 2020): each edge sends
+    1/k of its channels through the mixed op (so ops are 1/k as wide: about k^2 times fewer
+    convolution multiply-adds and k times less activation memory) and the rest around it, and
+    every node weighs its incoming edges by softmax(beta), `beta_normal` / `beta_reduce`.
     """
 
     stem: Stem
@@ -67,6 +73,8 @@ class SearchNetwork(eqx.Module):
     classifier: eqx.nn.Linear
     alpha_normal: ArchLogits
     alpha_reduce: ArchLogits
+    beta_normal: EdgeLogits | None
+    beta_reduce: EdgeLogits | None
     op_names: tuple[str, ...] = eqx.field(static=True)
 
     def __init__(
@@ -79,12 +87,13 @@ class SearchNetwork(eqx.Module):
         multiplier: int = 4,
         stem_multiplier: int = 3,
         fused: bool = True,
+        partial_channels: int = 1,
         *,
         key: PRNGKeyArray,
     ):
         _check_sizes(channels, layers, in_channels, num_classes)
         space = DARTS_SPACE
-        k_stem, k_cells, k_cls, k_an, k_ar = jax.random.split(key, 5)
+        k_stem, k_cells, k_cls, k_an, k_ar, k_bn, k_br = jax.random.split(key, 7)
         c_curr = stem_multiplier * channels
         self.stem = Stem(in_channels, c_curr, key=k_stem)
         c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
@@ -95,10 +104,21 @@ class SearchNetwork(eqx.Module):
             if reduction:
                 c_curr *= 2
             if fused:
-                cell = FusedCell(c_prev_prev, c_prev, c_curr, reduction, reduction_prev, steps, multiplier, key=k)
+                cell = FusedCell(
+                    c_prev_prev, c_prev, c_curr, reduction, reduction_prev, steps, multiplier, partial_channels, key=k
+                )
             else:
                 cell = SearchCell(
-                    space, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, steps, multiplier, key=k
+                    space,
+                    c_prev_prev,
+                    c_prev,
+                    c_curr,
+                    reduction,
+                    reduction_prev,
+                    steps,
+                    multiplier,
+                    partial_channels,
+                    key=k,
                 )
             cells.append(cell)
             reduction_prev = reduction
@@ -108,14 +128,35 @@ class SearchNetwork(eqx.Module):
         edges = num_edges(steps)
         self.alpha_normal = ArchLogits.init(edges, len(space.op_names), key=k_an)
         self.alpha_reduce = ArchLogits.init(edges, len(space.op_names), key=k_ar)
+        if partial_channels > 1:
+            self.beta_normal = EdgeLogits.init(steps, key=k_bn)
+            self.beta_reduce = EdgeLogits.init(steps, key=k_br)
+        else:
+            self.beta_normal = self.beta_reduce = None
         self.op_names = space.op_names
 
     def __call__(self, x: Images) -> Logits:
         s0 = s1 = self.stem(x)
         w_normal, w_reduce = self.alpha_normal.weights(), self.alpha_reduce.weights()
+        b_normal = b_reduce = None
+        if self.beta_normal is not None:
+            b_normal, b_reduce = self.beta_normal.weights(), self.beta_reduce.weights()
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            if cell.reduction:
+                s0, s1 = s1, cell(s0, s1, w_reduce, b_reduce)
+            else:
+                s0, s1 = s1, cell(s0, s1, w_normal, b_normal)
         return classify(self.classifier, s1)
+
+    def edge_strengths(self) -> dict[str, np.ndarray]:
+        """softmax(alpha) of each cell type, each edge's row scaled by its edge-normalisation
+        weight when there is one (PC-DARTS): what the genotype is derived from."""
+        out = {}
+        for kind in ("normal", "reduce"):
+            w = np.asarray(getattr(self, f"alpha_{kind}").weights())
+            beta = getattr(self, f"beta_{kind}")
+            out[kind] = w if beta is None else w * np.asarray(beta.weights())[:, None]
+        return out
 
 
 class SeedNetwork(eqx.Module):

@@ -45,6 +45,9 @@ class SearchConfig:
     - `a_*`: Adam for alpha, with L2 weight decay added to the gradient as PyTorch's Adam does.
     - `steps_per_chunk`: steps fused into one jitted `lax.scan` call (default: a whole epoch);
       an epoch is cut to a whole number of chunks.
+    - `partial_channels`: k > 1 searches PC-DARTS' partial channel connections with edge
+      normalisation (Xu et al., ICLR 2020; k=4 there) in the DARTS space; it must divide
+      `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
     """
 
     space: str = "darts"
@@ -64,6 +67,7 @@ class SearchConfig:
     a_weight_decay: float = 1e-3
     steps_per_chunk: int | None = None
     order: int = 1
+    partial_channels: int = 1
 
     def __post_init__(self):
         get_space(self.space)
@@ -81,6 +85,18 @@ class SearchConfig:
         for name in ("w_lr_min", "w_weight_decay", "a_weight_decay", "grad_clip", "w_momentum"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be non-negative")
+        if isinstance(self.partial_channels, bool) or not isinstance(self.partial_channels, int):
+            raise ValueError(f"`partial_channels` (={self.partial_channels!r}) must be a positive integer")
+        if self.partial_channels != 1:
+            if self.space != "darts":
+                raise ValueError(
+                    f"`partial_channels` (={self.partial_channels}) needs the darts space, not {self.space!r}"
+                )
+            if self.partial_channels < 1 or self.channels % self.partial_channels:
+                raise ValueError(
+                    f"`partial_channels` (={self.partial_channels}) must be a positive divisor of "
+                    f"`channels` (={self.channels})"
+                )
         if self.order != 1:
             raise ValueError(f"`order` (={self.order!r}): only first-order search (1) is implemented")
 
@@ -114,7 +130,8 @@ class StepMetrics(NamedTuple):
 @dataclass(frozen=True)
 class SearchResult:
     """What `search` returns: the derived genotype, the trained supernet, the discretised network
-    (`discretize(supernet, genotype)`), the per-epoch history and the config used."""
+    (`discretize(supernet, genotype)`; None for a partial-channel search), the per-epoch history
+    and the config used."""
 
     genotype: Genotype
     supernet: Any
@@ -136,6 +153,10 @@ def build_supernet(config: SearchConfig, image_shape, num_classes: int, *, key: 
         network = SearchNetwork
     else:
         network = SeedNetwork
+    if config.space == "darts":
+        return network(
+            config.channels, config.layers, num_classes, in_channels, partial_channels=config.partial_channels, key=key
+        )
     return network(config.channels, config.layers, num_classes, in_channels, key=key)
 
 
@@ -217,10 +238,14 @@ def make_chunk_fn(static, w_opt, a_opt):
 def arch_weights(model) -> dict[str, np.ndarray]:
     """softmax(alpha) of each cell type, by name."""
     if isinstance(model, SearchNetwork):
-        return {
+        out = {
             "alpha_normal": np.asarray(model.alpha_normal.weights()),
             "alpha_reduce": np.asarray(model.alpha_reduce.weights()),
         }
+        if model.beta_normal is not None:
+            out["beta_normal"] = np.asarray(model.beta_normal.weights())
+            out["beta_reduce"] = np.asarray(model.beta_reduce.weights())
+        return out
     return {"alpha": np.asarray(model.alpha.weights())}
 
 
@@ -315,7 +340,8 @@ def search(
         bar.close()
     supernet = combine_arch(state.arch, state.weights, static)
     genotype = derive_genotype(supernet)
-    return SearchResult(genotype, supernet, discretize(supernet, genotype), history, config)
+    network = discretize(supernet, genotype) if config.partial_channels == 1 else None
+    return SearchResult(genotype, supernet, network, history, config)
 
 
 def _check_finite(metrics: StepMetrics, supernet, epoch: int, steps_per_epoch: int):

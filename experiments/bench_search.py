@@ -29,8 +29,11 @@ def main():
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS K (1: plain DARTS)")
     a = parser.parse_args()
-    config = SearchConfig(space=a.space, channels=a.C, layers=a.layers, batch_size=a.batch)
+    config = SearchConfig(
+        space=a.space, channels=a.C, layers=a.layers, batch_size=a.batch, partial_channels=a.partial_channels
+    )
     key = jax.random.key(0)
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
     arch, weights, static = dx.split_arch(model)
@@ -62,6 +65,7 @@ def main():
                 "batch": a.batch,
                 "image": a.image,
                 "steps": a.steps,
+                "partial_channels": a.partial_channels,
                 "steps_per_s": a.steps / run,
                 "compile_s": first - run,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
