@@ -5,7 +5,9 @@ Outside loops its layout passes rewrite the backward convolutions of `jax.grad` 
 inside a loop body (our scan-fused search) they do not, and those convolutions run 20-40x slower
 (jax-ml/jax#12868; measured in experiments/README.md). On CPU `conv2d` therefore carries a custom
 VJP whose two backward convolutions are written canonically by hand, so a convolution costs the
-same inside `lax.scan` as outside. Elsewhere the plain autodiff rule is used. XLA:CPU's grouped
+same inside `lax.scan` as outside. Elsewhere the plain autodiff rule is used. A custom VJP has no
+forward-mode rule: `jax.jvp`/`jax.hessian` through these convolutions need `DARTS_EQX_CONV=native`
+(set before tracing), which gives JAX's own rules at their in-loop cost. XLA:CPU's grouped
 (depthwise) convolution is slow in both directions (jax-ml/jax#13800), so a depthwise convolution
 followed by a pointwise one is computed as one dense convolution with the composed kernel.
 """
@@ -16,9 +18,11 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 _IMPLS = ("native", "canonical")
+CONV_OUTPUT = "darts_eqx_conv"  # checkpoint name of the canonical convolutions' outputs
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -51,8 +55,9 @@ def _canonical_fwd(x, w, stride, padding, dilation):
 
 def _canonical_bwd(stride, padding, dilation, residuals, g):
     x, w = residuals
-    k, size, out = w.shape[0], x.shape[1], g.shape[1]
+    k = w.shape[0]
     span = dilation * (k - 1)
+    sizes, outs = x.shape[1:3], g.shape[1:3]
     # Input gradient: the stride-dilated cotangent (explicit zeros, not lhs_dilation, which is not
     # canonical) correlated with the flipped, in/out-swapped kernel.
     if stride > 1:
@@ -61,15 +66,21 @@ def _canonical_bwd(stride, padding, dilation, residuals, g):
     else:
         g_dilated = g
     w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _conv(g_dilated, w_flipped, 1, (span - padding, size - stride * (out - 1) - 1 + padding), dilation)
+    dx = lax.conv_general_dilated(
+        g_dilated,
+        w_flipped,
+        (1, 1),
+        [(span - padding, size - stride * (out - 1) - 1 + padding) for size, out in zip(sizes, outs)],
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=_DIMS,
+    )
     # Kernel gradient: batch and feature axes swapped so that it too is an NHWC x HWIO convolution:
     # input [cin, H, W, batch], kernel = cotangent [h, w, batch, cout], output [cin, k, k, cout].
-    high = span + stride * (out - 1) + 1 - size - padding
     dw = lax.conv_general_dilated(
         x.transpose(3, 1, 2, 0),
         g.transpose(1, 2, 0, 3),
         (dilation, dilation),
-        ((padding, high), (padding, high)),
+        [(padding, span + stride * (out - 1) + 1 - size - padding) for size, out in zip(sizes, outs)],
         rhs_dilation=(stride, stride),
         dimension_numbers=_DIMS,
     )
@@ -91,7 +102,9 @@ def conv2d(
     the gradient formulation (default `conv_impl()`), both compute the same function."""
     impl = impl or conv_impl()
     if impl == "canonical":
-        return _canonical_conv(x, weight, stride, padding, dilation)
+        # Named so that rematerialisation can keep it: a custom VJP's output is not a `dot` to
+        # `dots_saveable`, and recomputing every conv in the backward pass costs a third more.
+        return checkpoint_name(_canonical_conv(x, weight, stride, padding, dilation), CONV_OUTPUT)
     if impl != "native":
         raise ValueError(f"conv impl (={impl!r}) must be one of {_IMPLS}")
     return _conv(x, weight, stride, (padding, padding), dilation)

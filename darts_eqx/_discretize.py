@@ -115,7 +115,8 @@ def discretize(model: SearchNetwork | SeedNetwork, genotype: Genotype | None = N
         if model.beta_normal is not None:
             raise ValueError(
                 "a partial-channel (PC-DARTS) supernet's ops see 1/k of the channels, so its weights do "
-                "not fit the full-width network: build the genotype's network and train it from scratch"
+                "not fit the full-width network: train the genotype's network from scratch instead (retraining "
+                "is not in the library yet)"
             )
         if genotype.space != "darts":
             raise ValueError(f"a DARTS supernet cannot take a {genotype.space!r}-space genotype")

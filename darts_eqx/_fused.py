@@ -11,7 +11,9 @@ computes them together:
 
 XLA:CPU runs dense convolutions near the machine's peak and grouped (depthwise) ones 5-10x slower
 than that, so the composed kernels' extra multiply-adds are cheaper than the grouped convolutions
-they replace (experiments/README.md has the figures). The cell is also ~7x smaller as a program than
+they replace (experiments/README.md has the figures). Accelerators get the same composed kernels
+(cheap at search widths there, though at c=64, k=5 they are ~18x the multiply-adds of depthwise +
+pointwise). The cell is also ~7x smaller as a program than
 per-edge mixed ops (XLA's compile time follows program size). It computes exactly what the
 per-edge `SearchCell` computes: `FusedCell.reference()` builds that cell with the same weights, and
 the tests compare the two (the reference traced with plain grouped convolutions).
@@ -27,7 +29,7 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, check_partial_channels, edge_index, preprocess
-from ._conv import avg_pool, conv2d, max_pool, separable_kernel
+from ._conv import CONV_OUTPUT, avg_pool, conv2d, max_pool, separable_kernel
 from ._mixed import MixedOp, channel_shuffle, partial_channel_bypass
 from ._ops import (
     DilConv,
@@ -203,6 +205,11 @@ def _pad_edges(ops: SourceOps, width: int) -> SourceOps:
     return assemble(SourceOps, **arrays, edges=width, channels=ops.channels, stride=ops.stride)
 
 
+_KEEP_CONVS = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+)
+
+
 def destinations(source: int, steps: int) -> tuple[int, ...]:
     """Intermediate nodes fed by state `source` (0, 1: cell inputs; k + 2: node k)."""
     return tuple(range(max(0, source - 1), steps))
@@ -279,7 +286,8 @@ class FusedCell(eqx.Module):
 
         def source_out(ops_i, x, mix_i):
             if k == 1:
-                return ops_i(x, mix_i[:, :-1])
+                out = ops_i(x, mix_i[:, :-1])
+                return out if edge_weights is None else out * mix_i[:, -1][None, None, None, :, None]
             part = x.shape[-1] // k
             out = ops_i(x[..., :part], mix_i[:, :-1])  # [b, ho, wo, width, part]
             rest = partial_channel_bypass(x, part, ops_i.stride)
@@ -293,8 +301,9 @@ class FusedCell(eqx.Module):
             return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
 
         # Rematerialise each source's ops in the backward pass, keeping only convolution and matmul
-        # outputs: a third less memory at C=8 (2.7 GB peak instead of 4.7 GB) for the same speed.
-        apply = jax.checkpoint(source_out, policy=jax.checkpoint_policies.dots_saveable)
+        # outputs (C=8: 3.1 GB peak instead of 4.7 GB without remat; keeping the convs as well as
+        # the matmuls measured 10% faster than recomputing them, for 0.4 GB more).
+        apply = jax.checkpoint(source_out, policy=_KEEP_CONVS)
         ops, mix, base = stacked((0, 1))
 
         def input_step(nodes, xs):

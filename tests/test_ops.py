@@ -27,10 +27,10 @@ def _value_and_grads(f, *args):
 
 
 @pytest.mark.parametrize("k,stride,padding,dilation", CONV_CASES)
-@pytest.mark.parametrize("size", [8, 7])
+@pytest.mark.parametrize("size", [(8, 8), (7, 7), (8, 9)])
 def test_canonical_conv_gradients_match_autodiff(getkey, k, stride, padding, dilation, size):
     # The hand-written canonical backward convolutions against JAX's own transpose rule.
-    x = jax.random.normal(getkey(), (2, size, size, 3))
+    x = jax.random.normal(getkey(), (2, *size, 3))
     w = jax.random.normal(getkey(), (k, k, 3, 5))
     got = _value_and_grads(lambda x, w: conv2d(x, w, stride, padding, dilation, impl="canonical"), x, w)
     want = _value_and_grads(

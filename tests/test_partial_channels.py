@@ -121,6 +121,7 @@ def test_partial_channel_search_runs_and_records_edge_weights():
     assert r.network is None and r.genotype == dx.derive_genotype(r.supernet)
     beta = np.asarray(r.history[0]["beta_normal"])
     assert beta.shape == (14,) and np.isclose(beta[:2].sum(), 1.0, atol=1e-5)
-    assert float(jnp.abs(r.supernet.beta_reduce.logits).max()) > 1e-3  # beta is trained
+    # beta is trained: its weights move between epochs
+    assert not np.allclose(r.history[0]["beta_reduce"], r.history[-1]["beta_reduce"], rtol=0, atol=1e-6)
     # it learns (slower than plain DARTS at this toy width: its ops are 2 channels wide)
     assert r.history[-1]["train_loss"] < r.history[0]["train_loss"] - 0.1
