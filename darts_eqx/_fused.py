@@ -311,15 +311,16 @@ class FusedCell(eqx.Module):
             return add(nodes, apply(ops_i, x, mix_i), base_i), None
 
         nodes, _ = lax.scan(input_step, nodes, (ops, jnp.stack([h0, h1]), mix, base))
-        ops, mix, base = stacked(range(2, len(self.sources)))
+        node_sources = range(2, len(self.sources))  # none when the cell has a single node
+        if node_sources:
+            ops, mix, base = stacked(node_sources)
 
-        def node_step(nodes, xs):
-            ops_i, source, mix_i, base_i = xs
-            x = lax.dynamic_index_in_dim(nodes, source - 2, axis=0, keepdims=False)
-            return add(nodes, apply(ops_i, x, mix_i), base_i), None
+            def node_step(nodes, xs):
+                ops_i, source, mix_i, base_i = xs
+                x = lax.dynamic_index_in_dim(nodes, source - 2, axis=0, keepdims=False)
+                return add(nodes, apply(ops_i, x, mix_i), base_i), None
 
-        sources = jnp.arange(2, len(self.sources))
-        nodes, _ = lax.scan(node_step, nodes, (ops, sources, mix, base))
+            nodes, _ = lax.scan(node_step, nodes, (ops, jnp.array(list(node_sources)), mix, base))
         out = nodes[self.steps - self.multiplier : self.steps]
         return jnp.concatenate(list(out), axis=-1)
 

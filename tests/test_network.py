@@ -98,3 +98,15 @@ def test_fused_source_gradients_match_per_edge_mixed_ops(getkey, stride, edges):
                 continue
             want = g_plain[0][e].ops[dx.DARTS_SPACE.op_names.index(name)]
             assert tree_allclose(eqx.filter(got, eqx.is_array), eqx.filter(want, eqx.is_array), rtol=1e-3, atol=1e-4)
+
+
+def test_single_node_cells_match_per_edge_cells(getkey):
+    net = dx.SearchNetwork(4, 2, 5, 1, steps=1, multiplier=1, key=getkey())
+    ref = eqx.tree_at(lambda m: m.cells, net, tuple(c.reference() for c in net.cells))
+    x = random_images(getkey(), n=8)
+    forward = eqx.filter_jit(lambda m, x: m(x))
+    got = forward(net, x)
+    with conv_impl("native"):
+        want = forward(ref, x)
+    assert got.shape == (8, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
