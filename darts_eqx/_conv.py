@@ -39,14 +39,17 @@ def conv_impl() -> str:
 
 
 def _conv(x, w, stride: int, padding, dilation: int):
+    """Canonical NHWC x HWIO convolution; `padding` is an int or a (low, high) pair per axis."""
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * 2
     return lax.conv_general_dilated(
-        x, w, (stride, stride), (padding, padding), rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS
+        x, w, (stride, stride), padding, rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _canonical_conv(x, w, stride: int, padding: int, dilation: int):
-    return _conv(x, w, stride, (padding, padding), dilation)
+    return _conv(x, w, stride, padding, dilation)
 
 
 def _canonical_fwd(x, w, stride, padding, dilation):
@@ -66,23 +69,22 @@ def _canonical_bwd(stride, padding, dilation, residuals, g):
     else:
         g_dilated = g
     w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = lax.conv_general_dilated(
+    dx = _conv(
         g_dilated,
         w_flipped,
-        (1, 1),
+        1,
         [(span - padding, size - stride * (out - 1) - 1 + padding) for size, out in zip(sizes, outs)],
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=_DIMS,
+        dilation,
     )
     # Kernel gradient: batch and feature axes swapped so that it too is an NHWC x HWIO convolution:
     # input [cin, H, W, batch], kernel = cotangent [h, w, batch, cout], output [cin, k, k, cout].
-    dw = lax.conv_general_dilated(
+    # (The window strides by the dilation and the "kernel" is dilated by the stride.)
+    dw = _conv(
         x.transpose(3, 1, 2, 0),
         g.transpose(1, 2, 0, 3),
-        (dilation, dilation),
+        dilation,
         [(padding, span + stride * (out - 1) + 1 - size - padding) for size, out in zip(sizes, outs)],
-        rhs_dilation=(stride, stride),
-        dimension_numbers=_DIMS,
+        stride,
     )
     return dx, dw.transpose(1, 2, 0, 3)
 
@@ -107,7 +109,7 @@ def conv2d(
         return checkpoint_name(_canonical_conv(x, weight, stride, padding, dilation), CONV_OUTPUT)
     if impl != "native":
         raise ValueError(f"conv impl (={impl!r}) must be one of {_IMPLS}")
-    return _conv(x, weight, stride, (padding, padding), dilation)
+    return _conv(x, weight, stride, padding, dilation)
 
 
 def depthwise_conv2d(

@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, check_partial_channels, edge_index, preprocess
 from ._conv import CONV_OUTPUT, avg_pool, conv2d, max_pool, separable_kernel
-from ._mixed import MixedOp, channel_shuffle, partial_channel_bypass
+from ._mixed import MixedOp, partial_channel_merge
 from ._ops import (
     DilConv,
     Earlier,
@@ -287,13 +287,9 @@ class FusedCell(eqx.Module):
         def source_out(ops_i, x, mix_i):
             if k == 1:
                 out = ops_i(x, mix_i[:, :-1])
-                return out if edge_weights is None else out * mix_i[:, -1][None, None, None, :, None]
-            part = x.shape[-1] // k
-            out = ops_i(x[..., :part], mix_i[:, :-1])  # [b, ho, wo, width, part]
-            rest = partial_channel_bypass(x, part, ops_i.stride)
-            rest = jnp.broadcast_to(rest[:, :, :, None], out.shape[:4] + rest.shape[-1:])
-            out = channel_shuffle(jnp.concatenate([out, rest], axis=-1), k)
-            return out * mix_i[:, -1][None, None, None, :, None]
+            else:  # PC-DARTS: the ops see the first 1/k of the channels, the rest bypass them
+                out = partial_channel_merge(ops_i(x[..., : x.shape[-1] // k], mix_i[:, :-1]), x, k, ops_i.stride)
+            return out if edge_weights is None else out * mix_i[:, -1][None, None, None, :, None]
 
         def add(nodes, out, base):
             out = jnp.moveaxis(out, 3, 0)  # [width, b, h, w, c]

@@ -117,11 +117,18 @@ def partial_channel_bypass(x: Images, part: int, stride: int) -> Output:
     return rest.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def partial_channel_merge(mixed_out: Float[Array, "b ho wo *edges part"], x: Images, k: int, stride: int):
+    """Join the mixed-op output of a PC-DARTS edge (or of several edges stacked before the channel
+    axis) with the channels of `x` that bypass it, then shuffle the channels with k groups."""
+    rest = partial_channel_bypass(x, x.shape[-1] // k, stride)
+    rest = rest.reshape(rest.shape[:3] + (1,) * (mixed_out.ndim - 4) + rest.shape[3:])
+    rest = jnp.broadcast_to(rest, mixed_out.shape[:-1] + rest.shape[-1:])
+    return channel_shuffle(jnp.concatenate([mixed_out, rest], axis=-1), k)
+
+
 def partial_channel_edge(mixed: "MixedOp", x: Images, weights: Float[Array, " ops"], k: int, stride: int) -> Output:
     """A PC-DARTS edge: the mixed op on the first 1/k of the channels, the rest bypassing it, then a
     channel shuffle with k groups (Xu et al., ICLR 2020, Sec. 3.2). k=1 is the plain mixed op."""
     if k == 1:
         return mixed(x, weights)
-    part = x.shape[-1] // k
-    out = jnp.concatenate([mixed(x[..., :part], weights), partial_channel_bypass(x, part, stride)], axis=-1)
-    return channel_shuffle(out, k)
+    return partial_channel_merge(mixed(x[..., : x.shape[-1] // k], weights), x, k, stride)
