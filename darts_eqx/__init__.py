@@ -2,6 +2,7 @@
 
 from . import data as data
 from ._cell import SearchCell as SearchCell
+from ._checkpoint import CheckpointError as CheckpointError, CheckpointWarning as CheckpointWarning
 from ._data import ImageData as ImageData
 from ._discretize import (
     DiscreteCell as DiscreteCell,
@@ -28,5 +29,4 @@ from ._search import (
     search_step as search_step,
 )
 from ._spaces import DARTS_SPACE as DARTS_SPACE, SEED_SPACE as SEED_SPACE, SearchSpace as SearchSpace
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__

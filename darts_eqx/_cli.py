@@ -6,26 +6,33 @@ import json
 import os
 import sys
 import time
+import warnings
+
+from ._search import DEFAULT_CHECKPOINT_EVERY, SAFE_TO_CHANGE
 
 # Small defaults for the embedded digits, so that a bare `darts-eqx search` finishes in minutes on
 # two CPU cores; any other data set starts from the paper's defaults (`SearchConfig`).
 DIGITS_DEFAULTS = {"channels": 8, "layers": 3, "epochs": 8, "batch_size": 64}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"darts-eqx: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="darts-eqx", description="Differentiable Architecture Search in JAX + Equinox"
-    )
+    parser = _Parser(prog="darts-eqx", description="Differentiable Architecture Search in JAX + Equinox")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("search", help="run a first-order DARTS search")
     s.add_argument(
         "--dataset",
-        default="digits",
         help="digits (embedded, default), a Hugging Face name such as cifar10, or a path "
         "(.npz, save_to_disk folder, image folder)",
     )
-    s.add_argument("--space", default="darts", choices=("darts", "seed"))
+    s.add_argument("--space", choices=("darts", "seed"), help="search space (default: darts)")
     s.add_argument("--epochs", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--channels", type=int, help="initial channels C")
@@ -36,8 +43,26 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="PC-DARTS: send 1/K of each edge's channels through its mixed op, with edge normalisation",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, help="PRNG seed (default: 0)")
     s.add_argument("--out", help="run folder (default: a new folder under runs/)")
+    s.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help=f"checkpoint at least every N steps and at each epoch end (default: {DEFAULT_CHECKPOINT_EVERY})",
+    )
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the search in --out from its newest good checkpoint; options not given are "
+        "taken from its config.json",
+    )
+    s.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        choices=SAFE_TO_CHANGE,
+        help="with --resume: accept this option differing from the checkpoint's (repeatable)",
+    )
     s.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return parser
 
@@ -51,37 +76,81 @@ def _new_run_dir() -> str:
     return path
 
 
+_CONFIG_OPTIONS = ("space", "epochs", "batch_size", "channels", "layers", "steps_per_chunk", "partial_channels")
+
+
+def _run_settings(args) -> tuple[str, int, int, dict]:
+    """`(dataset, seed, checkpoint_every, config options)` from the command line; with `--resume`,
+    options not given come from the run folder's `config.json`."""
+    saved = {}
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out DIR, the run folder to continue")
+        path = os.path.join(args.out, "config.json")
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); give the options explicitly") from None
+            if not isinstance(saved, dict):
+                raise ValueError(f"{path} holds a {type(saved).__name__}, not the run's options")
+    dataset, seed, every = saved.pop("dataset", None), saved.pop("seed", None), saved.pop("checkpoint_every", None)
+    dataset = args.dataset or dataset or "digits"
+    seed = args.seed if args.seed is not None else 0 if seed is None else seed
+    every = args.checkpoint_every if args.checkpoint_every is not None else every or DEFAULT_CHECKPOINT_EVERY
+    return dataset, seed, every, saved
+
+
 def _search(args) -> None:
     import equinox as eqx
     import jax
 
+    from ._checkpoint import atomic_write_text, list_checkpoints
     from ._data import load
     from ._search import SearchConfig, search
 
-    data = load(args.dataset)
-    options = dict(DIGITS_DEFAULTS) if data.name == "digits" else {}
-    for name in ("epochs", "batch_size", "channels", "layers", "steps_per_chunk", "partial_channels"):
+    dataset, seed, checkpoint_every, options = _run_settings(args)
+    data = load(dataset)
+    if not options:
+        options = dict(DIGITS_DEFAULTS) if data.name == "digits" else {}
+    for name in _CONFIG_OPTIONS:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    config = SearchConfig(space=args.space).replace(**options)
+    config = SearchConfig().replace(**options)
     out = args.out or _new_run_dir()
+    checkpoints = os.path.join(out, "checkpoints")
+    if not args.resume and list_checkpoints(checkpoints):
+        raise ValueError(f"{out} holds checkpoints of a search: continue it with --resume, or choose another --out")
     os.makedirs(out, exist_ok=True)
     print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"dataset": args.dataset, "seed": args.seed, **dataclasses.asdict(config)}, f, indent=2)
+    atomic_write_text(
+        os.path.join(out, "config.json"),
+        json.dumps(
+            {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)},
+            indent=2,
+        ),
+    )
 
-    history = []
-
-    def save_history(record, supernet):
-        history.append(record)
-        with open(os.path.join(out, "history.json"), "w") as f:
-            json.dump(history, f, indent=1)
+    def save_history(history, supernet):
+        atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
 
     start = time.perf_counter()
-    result = search(jax.random.key(args.seed), data, config, callback=save_history)
-    with open(os.path.join(out, "genotype.json"), "w") as f:
-        json.dump(result.genotype.to_json(), f, indent=2)
-    eqx.tree_serialise_leaves(os.path.join(out, "supernet.eqx"), result.supernet)
+    result = search(
+        jax.random.key(seed),
+        data,
+        config,
+        callback=save_history,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=checkpoint_every,
+        resume=args.resume,
+        allow_changes=args.allow_change,
+    )
+    save_history(result.history, result.supernet)
+    atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(result.genotype.to_json(), indent=2))
+    tmp = os.path.join(out, f".supernet.eqx.tmp-{os.getpid()}")
+    eqx.tree_serialise_leaves(tmp, result.supernet)
+    os.replace(tmp, os.path.join(out, "supernet.eqx"))
     last = result.history[-1]
     print(
         f"done in {time.perf_counter() - start:.0f} s: train acc {last['train_acc']:.3f}, "
@@ -91,20 +160,39 @@ def _search(args) -> None:
     print(result.genotype)
 
 
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"darts-eqx: warning: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        if args.command == "search":
-            _search(args)
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (status 2) and --help (0)
+        return e.code
+    try:
+        with warnings.catch_warnings():  # restores the caller's warning display afterwards
+            if not args.debug:
+                warnings.showwarning = _show_warning
+            if args.command == "search":
+                _search(args)
         return 0
     except (ValueError, FloatingPointError, OSError) as e:
         if args.debug:
             raise
-        print(f"darts-eqx: error: {e}", file=sys.stderr)
+        print(f"darts-eqx: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("darts-eqx: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"darts-eqx: internal error: {type(e).__name__}: {_one_line(e)} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

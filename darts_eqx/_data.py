@@ -6,6 +6,7 @@ Everything is checked here, before any compilation: a bad shape, dtype, pixel or
 """
 
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,12 +186,24 @@ def from_hf(ds, *, image_column: str | None = None, label_column: str | None = N
 
 
 def _from_npz(path: str) -> ImageData:
-    with np.load(path, allow_pickle=False) as f:
-        for key in ("x_train", "y_train"):
-            if key not in f:
-                raise ValueError(f"{path}: .npz must hold x_train and y_train (has {sorted(f.files)})")
-        test = (f["x_test"], f["y_test"]) if "x_test" in f and "y_test" in f else (None, None)
-        return from_arrays(f["x_train"], f["y_train"], *test, name=os.path.basename(path))
+    # Our own file handle: np.load leaks its handle when the file is not a zip archive.
+    with open(path, "rb") as handle:
+        try:
+            f = np.load(handle, allow_pickle=False)
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single .npy array, not an .npz archive of x_train and y_train")
+        with f:
+            for key in ("x_train", "y_train"):
+                if key not in f:
+                    raise ValueError(f"{path}: .npz must hold x_train and y_train (has {sorted(f.files)})")
+            try:
+                arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in f}
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:  # e.g. object arrays (need pickle)
+                raise ValueError(f"{path}: cannot read its arrays ({type(e).__name__}: {e})") from None
+    test = (arrays["x_test"], arrays["y_test"]) if "x_test" in arrays and "y_test" in arrays else (None, None)
+    return from_arrays(arrays["x_train"], arrays["y_train"], *test, name=os.path.basename(path))
 
 
 def load(source=None, **kwargs) -> ImageData:

@@ -6,8 +6,12 @@ first-order approximation). A chunk of steps is one `lax.scan` inside one jitted
 """
 
 import dataclasses
+import hashlib
+import math
+import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,12 +23,15 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from . import _checkpoint
+from ._checkpoint import CheckpointError, CheckpointWarning
 from ._data import load
 from ._discretize import derive_genotype, discretize
 from ._genotype import Genotype
 from ._mixed import combine_arch, split_arch
 from ._network import SearchNetwork, SeedNetwork, reduction_layers
 from ._spaces import get_space
+from ._version import __version__
 
 
 class SearchDiverged(FloatingPointError):
@@ -125,19 +132,23 @@ class StepMetrics(NamedTuple):
     train_acc: Float[Array, ""]
     val_loss: Float[Array, ""]
     val_acc: Float[Array, ""]
+    w_grad_norm: Float[Array, ""]
+    a_grad_norm: Float[Array, ""]
 
 
 @dataclass(frozen=True)
 class SearchResult:
     """What `search` returns: the derived genotype, the trained supernet, the discretised network
     (`discretize(supernet, genotype)`; None for a partial-channel search), the per-epoch history
-    and the config used."""
+    (deterministic: no wall-clock times), the config used, and the wall-clock seconds of each
+    epoch run in this call."""
 
     genotype: Genotype
     supernet: Any
     network: Any
     history: list[dict]
     config: SearchConfig
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
 def build_supernet(config: SearchConfig, image_shape, num_classes: int, *, key: PRNGKeyArray):
@@ -211,7 +222,8 @@ def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch
     w_updates, w_opt_state = w_opt.update(w_grads, state.w_opt_state, state.weights)
     weights = eqx.apply_updates(state.weights, w_updates)
     new = SearchState(weights, arch, w_opt_state, a_opt_state, state.step + 1, state.key)
-    return new, StepMetrics(train_loss, train_acc, val_loss, val_acc)
+    norms = optax.tree.norm(w_grads), optax.tree.norm(a_grads)  # before clipping: for the NaN guard
+    return new, StepMetrics(train_loss, train_acc, val_loss, val_acc, *norms)
 
 
 def make_chunk_fn(static, w_opt, a_opt):
@@ -249,13 +261,95 @@ def arch_weights(model) -> dict[str, np.ndarray]:
     return {"alpha": np.asarray(model.alpha.weights())}
 
 
-def _progress(total: int, enabled: bool | None):
+def _progress(total: int, initial: int, enabled: bool | None):
     from tqdm.auto import tqdm
 
     # tqdm's disable=None turns the bar off when stderr is not a terminal.
     return tqdm(
-        total=total, unit="step", disable=None if enabled is None else not enabled, file=sys.stderr, dynamic_ncols=True
+        total=total,
+        initial=initial,
+        unit="step",
+        disable=None if enabled is None else not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
+
+
+# Fields that may differ between a checkpoint and the search resuming it, when asked for by name:
+# more (or fewer, but not fewer than done) epochs continue the same search on a longer schedule.
+SAFE_TO_CHANGE = ("epochs",)
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
+def chunking(config: SearchConfig, steps_per_epoch: int, checkpoint_every: int | None) -> tuple[int, int]:
+    """`(steps per chunk, chunks per epoch)`. With `steps_per_chunk` set, the epoch is cut to whole
+    chunks; otherwise a chunk is the whole epoch, or, when checkpointing, its largest divisor of at
+    most `checkpoint_every` steps, so that checkpoints fall on chunk ends and the epoch is not cut.
+    The chunk length does not change the result: every chunk runs the same scan body."""
+    if config.steps_per_chunk is not None:
+        chunk_len = min(config.steps_per_chunk, steps_per_epoch)
+    elif checkpoint_every is not None:
+        chunk_len = max(d for d in range(1, min(checkpoint_every, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+    else:
+        chunk_len = steps_per_epoch
+    return chunk_len, steps_per_epoch // chunk_len
+
+
+def data_fingerprint(data) -> dict:
+    """What identifies the search data in a checkpoint: sizes and a SHA-256 of the training arrays."""
+    digest = hashlib.sha256()
+    for a in (data.x_train, data.y_train):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return {
+        "name": data.name,
+        "train": len(data.x_train),
+        "image_shape": list(data.image_shape),
+        "num_classes": data.num_classes,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _as_typed_key(key) -> PRNGKeyArray:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def _saved(state: SearchState) -> SearchState:
+    """The state as plain arrays (typed PRNG keys are stored as their raw key data)."""
+    return eqx.tree_at(lambda s: s.key, state, jax.random.key_data(state.key))
+
+
+def _unsaved(saved: SearchState, impl: str) -> SearchState:
+    return eqx.tree_at(lambda s: s.key, saved, jax.random.wrap_key_data(saved.key, impl=impl))
+
+
+def _check_resumable(path: str, manifest: dict, expected: dict, allow_changes) -> None:
+    """Raise `CheckpointError` naming every way the checkpoint at `path` is not this search's."""
+    old, new = manifest.get("config", {}), expected["config"]
+    differing = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    blocked = [k for k in differing if k not in allow_changes]
+    problems = []
+    if blocked:
+        fields = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new.get(k)!r})" for k in blocked)
+        safe = [k for k in blocked if k in SAFE_TO_CHANGE]
+        hint = f"; to change {safe} on purpose, allow it (allow_changes / --allow-change)" if safe else ""
+        problems.append(f"the config differs in {fields}{hint}")
+    old_data, new_data = manifest.get("data", {}), expected["data"]
+    if old_data.get("sha256") != new_data["sha256"]:
+        problems.append(
+            f"the data set differs (checkpoint: {old_data.get('name')!r}, {old_data.get('train')} images "
+            f"{old_data.get('image_shape')}; now: {new_data['name']!r}, {new_data['train']} images "
+            f"{new_data['image_shape']})"
+        )
+    if manifest.get("key") != expected["key"]:
+        problems.append("the key (seed) differs")
+    if problems:
+        raise CheckpointError(f"cannot resume from {path}: " + "; ".join(problems))
+    if manifest["epoch"] > new["epochs"]:
+        raise CheckpointError(
+            f"cannot resume from {path}: it has done {manifest['epoch']} epochs, more than epochs={new['epochs']}"
+        )
 
 
 def search(
@@ -265,21 +359,49 @@ def search(
     *,
     progress: bool | None = None,
     callback=None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    resume: bool = False,
+    allow_changes=(),
     **options,
 ) -> SearchResult:
     """Run a first-order DARTS search.
 
     **Arguments:**
     - `key`: a JAX PRNG key; it decides the initial weights and alpha, the 50/50 split and the
-      data order, so the same key, data and config give the same search.
+      data order, so the same key, data and config give the same search, bit for bit on CPU.
     - `data`: anything `darts_eqx.data.load` accepts (default: the embedded digits).
     - `config`: a `SearchConfig`; keyword `options` override its fields.
     - `progress`: show a progress bar (default: only on a terminal).
-    - `callback`: called as `callback(record, supernet)` after each epoch.
+    - `callback`: called as `callback(history, supernet)` after each epoch, with the list of all
+      epoch records so far (restored ones included after a resume).
+    - `checkpoint_dir`: write checkpoints of the whole search state there, at least every
+      `checkpoint_every` steps and at the end of each epoch (the two newest are kept).
+    - `resume`: continue from the newest intact checkpoint in `checkpoint_dir` (an older one, with a
+      `CheckpointWarning`, if the newest is damaged; a fresh start if there is none). The result is
+      bit-for-bit that of the same search never interrupted. A checkpoint of another config, data
+      set or key is a `CheckpointError` naming the differences; `allow_changes=("epochs",)` accepts
+      a different number of epochs.
 
     **Returns:** a `SearchResult`.
+
+    **Raises:** `SearchDiverged` when a loss, gradient norm, weight or alpha becomes non-finite,
+    naming the step and the quantity; the checkpoints written before stay in place.
     """
     config = (config or SearchConfig()).replace(**options)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every (={checkpoint_every!r}) must be a positive integer")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir to resume from")
+    allow_changes = tuple(allow_changes)
+    unsafe = [k for k in allow_changes if k not in SAFE_TO_CHANGE]
+    if unsafe:
+        raise ValueError(f"allow_changes {unsafe}: only {list(SAFE_TO_CHANGE)} may differ from a checkpoint")
+    checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+    if checkpoint_dir is not None and not resume and _checkpoint.list_checkpoints(checkpoint_dir):
+        raise ValueError(
+            f"{checkpoint_dir} holds checkpoints of a search: continue it with resume=True, or use another directory"
+        )
     data = load(data)
     n = len(data.x_train)
     n_train = int(round(n * config.train_portion))
@@ -290,10 +412,10 @@ def search(
             f"batch_size (={config.batch_size}) is larger than the search split: {n} training images "
             f"give {n_train} for weights and {n_val} for alpha"
         )
-    chunk_len = min(config.steps_per_chunk or steps_per_epoch, steps_per_epoch)
-    chunks_per_epoch = steps_per_epoch // chunk_len
+    chunk_len, chunks_per_epoch = chunking(config, steps_per_epoch, checkpoint_every if checkpoint_dir else None)
     steps_per_epoch = chunks_per_epoch * chunk_len
 
+    key = _as_typed_key(key)
     key_model, key_split, key_state = jax.random.split(key, 3)
     model = build_supernet(config, data.image_shape, data.num_classes, key=key_model)
     arch, weights, static = split_arch(model)
@@ -301,58 +423,109 @@ def search(
     state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), key_state)
     order = np.asarray(jax.random.permutation(key_split, n))
     train_pool, val_pool = jnp.asarray(order[:n_train]), jnp.asarray(order[n_train:])
+    key_order = jax.random.fold_in(key_split, 1)
+    identity = {
+        "darts_eqx": __version__,
+        "config": dataclasses.asdict(config),
+        "data": data_fingerprint(data),
+        "key": np.asarray(jax.random.key_data(key)).tolist(),
+    }
+    key_impl = str(jax.random.key_impl(key_state))
+
+    history, epoch_metrics, start_epoch, start_step, last_checkpoint = [], [], 0, 0, None
+    if resume:
+        found = _checkpoint.latest(checkpoint_dir)
+        if found is None:
+            warnings.warn(f"no checkpoint in {checkpoint_dir}: starting a new search", CheckpointWarning, stacklevel=2)
+        else:
+            last_checkpoint, manifest = found
+            _check_resumable(last_checkpoint, manifest, identity, allow_changes)
+            state = _unsaved(_checkpoint.load_arrays(last_checkpoint, _saved(state)), key_impl)
+            start_epoch, start_step, history = manifest["epoch"], manifest["epoch_step"], manifest["history"]
+            if start_step % chunk_len:  # written with another chunking: shorter chunks, same result
+                chunk_len = math.gcd(chunk_len, start_step)
+                chunks_per_epoch = steps_per_epoch // chunk_len
+            if start_step:
+                epoch_metrics = [StepMetrics(*(np.asarray(v, np.float32) for v in manifest["epoch_metrics"]))]
+
+    def save_checkpoint(epoch: int, epoch_step: int, metrics: list[StepMetrics]) -> str:
+        joined = [np.concatenate(v).tolist() for v in zip(*metrics)] if metrics else None
+        record = {**identity, "epoch": epoch, "epoch_step": epoch_step, "history": history, "epoch_metrics": joined}
+        return _checkpoint.save(checkpoint_dir, int(state.step), _saved(state), record)
+
     device_data = (jnp.asarray(data.x_train), jnp.asarray(data.y_train))
     chunk = make_chunk_fn(static, w_opt, a_opt)
-
-    history = []
-    bar = _progress(config.epochs * steps_per_epoch, progress)
+    used = steps_per_epoch * config.batch_size
+    epoch_seconds = []
+    unsaved_steps = 0
+    bar = _progress(config.epochs * steps_per_epoch, start_epoch * steps_per_epoch + start_step, progress)
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             start = time.perf_counter()
-            key_next, key_t, key_v = jax.random.split(state.key, 3)
-            state = eqx.tree_at(lambda s: s.key, state, key_next)
-            used = steps_per_epoch * config.batch_size
+            key_t, key_v = jax.random.split(jax.random.fold_in(key_order, epoch))
             train_idx = jax.random.permutation(key_t, train_pool)[:used].reshape(chunks_per_epoch, chunk_len, -1)
             val_idx = jax.random.permutation(key_v, val_pool)[:used].reshape(chunks_per_epoch, chunk_len, -1)
-            metrics = []
-            for c in range(chunks_per_epoch):
+            first_chunk = start_step // chunk_len if epoch == start_epoch else 0
+            if epoch != start_epoch:
+                epoch_metrics = []
+            for c in range(first_chunk, chunks_per_epoch):
+                step_before = int(state.step)
                 state, m = chunk((*device_data, train_idx[c], val_idx[c]), state)
-                metrics.append(jax.device_get(m))
+                m = jax.device_get(m)
+                _check_finite(m, state, step_before, epoch, last_checkpoint)
+                epoch_metrics.append(m)
                 bar.update(chunk_len)
-            metrics = StepMetrics(*(np.concatenate(v) for v in zip(*metrics)))
+                unsaved_steps += chunk_len
+                epoch_step = (c + 1) * chunk_len
+                if checkpoint_dir and epoch_step < steps_per_epoch and unsaved_steps + chunk_len > checkpoint_every:
+                    last_checkpoint, unsaved_steps = save_checkpoint(epoch, epoch_step, epoch_metrics), 0
+            metrics = StepMetrics(*(np.concatenate(v) for v in zip(*epoch_metrics)))
             supernet = combine_arch(state.arch, state.weights, static)
-            _check_finite(metrics, supernet, epoch, steps_per_epoch)
             record = {
                 "epoch": epoch + 1,
-                "train_loss": float(metrics.train_loss.mean()),
-                "train_acc": float(metrics.train_acc.mean()),
-                "val_loss": float(metrics.val_loss.mean()),
-                "val_acc": float(metrics.val_acc.mean()),
+                **{name: float(values.mean()) for name, values in metrics._asdict().items()},
                 "lr": float(epoch_lr(config, epoch)),
-                "seconds": time.perf_counter() - start,
                 **{k: v.tolist() for k, v in arch_weights(supernet).items()},
             }
             history.append(record)
+            epoch_seconds.append(time.perf_counter() - start)
+            if checkpoint_dir:
+                last_checkpoint, unsaved_steps = save_checkpoint(epoch + 1, 0, []), 0
             bar.set_postfix(epoch=epoch + 1, train_acc=f"{record['train_acc']:.3f}", val_acc=f"{record['val_acc']:.3f}")
             if callback is not None:
-                callback(record, supernet)
+                callback(list(history), supernet)
     finally:
         bar.close()
     supernet = combine_arch(state.arch, state.weights, static)
     genotype = derive_genotype(supernet)
     network = discretize(supernet, genotype) if config.partial_channels == 1 else None
-    return SearchResult(genotype, supernet, network, history, config)
+    return SearchResult(genotype, supernet, network, history, config, epoch_seconds)
 
 
-def _check_finite(metrics: StepMetrics, supernet, epoch: int, steps_per_epoch: int):
+@eqx.filter_jit
+def _finite(state: SearchState):
+    def all_finite(tree):
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+    return all_finite(state.weights), all_finite(state.arch)
+
+
+def _check_finite(metrics: StepMetrics, state: SearchState, step_before: int, epoch: int, last_checkpoint):
+    """Stop at the first non-finite loss or gradient norm of a chunk, or non-finite weights/alpha
+    after it, before anything derived from it is saved."""
+    kept = f"; the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else ""
     for name, values in metrics._asdict().items():
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            step = epoch * steps_per_epoch + int(bad[0]) + 1
             raise SearchDiverged(
-                f"{name} became non-finite ({values[bad[0]]}) at step {step} (epoch {epoch + 1}); "
-                "the search stopped and no genotype was derived. Try a lower w_lr or a_lr."
+                f"{name} became non-finite ({values[bad[0]]}) at step {step_before + int(bad[0]) + 1} "
+                f"(epoch {epoch + 1}); the search stopped and no genotype was derived{kept}. Try a lower w_lr or a_lr."
             )
-    for name, values in arch_weights(supernet).items():
-        if not np.all(np.isfinite(values)):
-            raise SearchDiverged(f"{name} became non-finite in epoch {epoch + 1}; the search stopped")
+    weights_ok, arch_ok = (bool(v) for v in _finite(state))
+    for name, ok in (("weights", weights_ok), ("alpha", arch_ok)):
+        if not ok:
+            raise SearchDiverged(
+                f"{name} became non-finite by step {int(state.step)} (epoch {epoch + 1}); the search stopped "
+                f"and no genotype was derived{kept}"
+            )
