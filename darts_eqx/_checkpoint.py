@@ -2,8 +2,9 @@
 
 Arrays go through `eqx.tree_serialise_leaves` (already a dependency; exact bytes, no new format
 or service to install: orbax would add tensorstore and async machinery we do not need for one
-host-local tree). The manifest holds everything else (step, config, history, ...) and the SHA-256
-of the array file, so a truncated or corrupted checkpoint is detected before anything is loaded.
+host-local tree). The manifest holds everything else (step, config, history, ...), the SHA-256
+of the array file and its own, so a truncated or corrupted checkpoint is detected before anything
+is loaded.
 
 A checkpoint is written into a hidden temporary folder, fsynced, then renamed into place (rename
 is atomic on POSIX); the `keep` newest complete checkpoints are kept, so a kill at any instant
@@ -78,6 +79,7 @@ def save(directory: str | os.PathLike, step: int, tree, manifest: dict, *, keep:
     eqx.tree_serialise_leaves(buffer, tree)
     data = buffer.getvalue()
     manifest = {**manifest, "format": FORMAT, "step": step, "arrays_sha256": hashlib.sha256(data).hexdigest()}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     final = os.path.join(directory, f"step-{step:09d}")
     tmp = os.path.join(directory, f".tmp-step-{step:09d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -94,6 +96,11 @@ def save(directory: str | os.PathLike, step: int, tree, manifest: dict, *, keep:
     return final
 
 
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _read_manifest(path: str) -> dict:
     """The manifest of checkpoint folder `path`, after checking the array file's checksum."""
     try:
@@ -103,6 +110,8 @@ def _read_manifest(path: str) -> dict:
         raise CheckpointError(f"unreadable manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or "arrays_sha256" not in manifest:
         raise CheckpointError("manifest is not a darts_eqx checkpoint manifest")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise CheckpointError("manifest.json does not match its checksum (corrupted)")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint format {manifest.get('format')!r}, this darts_eqx reads {FORMAT}")
     try:

@@ -124,15 +124,14 @@ def _search(args) -> None:
         raise ValueError(f"{out} holds checkpoints of a search: continue it with --resume, or choose another --out")
     os.makedirs(out, exist_ok=True)
     print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
-    atomic_write_text(
-        os.path.join(out, "config.json"),
-        json.dumps(
-            {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)},
-            indent=2,
-        ),
-    )
+    settings = {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)}
+    config_path = os.path.join(out, "config.json")
+    if not args.resume:
+        atomic_write_text(config_path, json.dumps(settings, indent=2))
 
     def save_history(history, supernet):
+        # On resume, config.json changes only once the checkpoint has been accepted.
+        atomic_write_text(config_path, json.dumps(settings, indent=2))
         atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
 
     start = time.perf_counter()

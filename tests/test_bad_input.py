@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import tempfile
 
 import jax
@@ -186,3 +187,35 @@ def test_cli_bad_config_json_on_resume(tmp_path):
     assert_one_line_error(
         *run_cli(["search", "--out", str(tmp_path), "--resume"]), r"unknown search option\(s\) \['colour'\]"
     )
+
+
+@FAST
+@given(
+    st.sampled_from(["arrays.eqx", "manifest.json"]),
+    st.sampled_from(["truncate", "flip", "empty", "delete"]),
+    st.floats(0.0, 1.0),
+    st.integers(1, 255),
+)
+def test_any_damage_to_a_checkpoint_is_detected_and_the_previous_one_used(name, damage, where, xor):
+    from darts_eqx import _checkpoint
+
+    tree = {"w": np.arange(20, dtype=np.float32), "step": np.int32(3)}
+    with tempfile.TemporaryDirectory() as tmp:
+        _checkpoint.save(tmp, 1, tree, {"epoch": 0, "history": [{"loss": 0.5}]})
+        _checkpoint.save(tmp, 2, tree, {"epoch": 1, "history": [{"loss": 0.25}]})
+        target = pathlib.Path(tmp, "step-000000002", name)
+        data = bytearray(target.read_bytes())
+        at = min(int(where * len(data)), len(data) - 1)
+        if damage == "truncate":
+            data = data[:at]
+        elif damage == "flip":
+            data[at] ^= xor
+        elif damage == "empty":
+            data = bytearray()
+        if damage == "delete":
+            os.remove(target)
+        else:
+            target.write_bytes(bytes(data))
+        with pytest.warns(dx.CheckpointWarning, match=r"skipping checkpoint .*step-000000002"):
+            path, manifest = _checkpoint.latest(tmp)
+        assert path.endswith("step-000000001") and manifest["history"] == [{"loss": 0.5}]

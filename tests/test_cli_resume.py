@@ -99,5 +99,6 @@ def test_resume_refuses_another_runs_options_and_new_runs_refuse_used_folders(da
     code, err = run("--out", str(out), "--resume", "--space", "darts", "--layers", "2")
     assert code == 2 and err.strip().splitlines()[-1].startswith("darts-eqx: error: cannot resume from")
     assert "layers (checkpoint 2" not in err and "space (checkpoint 'seed', now 'darts')" in err
+    assert json.loads((out / "config.json").read_text()) == config  # a refused resume changes nothing
     code = main(["search", "--dataset", dataset, *ARGS, "--out", str(out)])
     assert code == 2
