@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=SAFE_TO_CHANGE,
         help="with --resume: accept this option differing from the checkpoint's (repeatable)",
     )
+    s.add_argument("--devices", type=int, help="data-parallel over this many devices (default: all that JAX sees)")
+    s.add_argument("--coordinator", help="several hosts: HOST:PORT of process 0 (jax.distributed)")
+    s.add_argument("--num-processes", type=int, help="several hosts: number of processes")
+    s.add_argument("--process-id", type=int, help="several hosts: this process's index, 0 to P-1")
+    s.add_argument(
+        "--distributed",
+        action="store_true",
+        help="several hosts: let jax.distributed.initialize read the cluster (SLURM, Open MPI, ...)",
+    )
     s.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return parser
 
@@ -106,10 +115,21 @@ def _search(args) -> None:
     import equinox as eqx
     import jax
 
+    from . import _parallel
     from ._checkpoint import atomic_write_text, list_checkpoints
     from ._data import load
     from ._search import SearchConfig, search
 
+    cluster = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in cluster):
+        if any(v is None for v in cluster):
+            raise ValueError("--coordinator, --num-processes and --process-id go together")
+        _parallel.initialize(*cluster)
+    elif args.distributed:
+        _parallel.initialize()
+    main_process = _parallel.is_main_process()  # the one that writes the run folder and prints
+    if jax.process_count() > 1 and not args.out:
+        raise ValueError("a search over several processes needs --out DIR, one run folder (shared for --resume)")
     dataset, seed, checkpoint_every, options = _run_settings(args)
     data = load(dataset)
     if not options:
@@ -122,14 +142,17 @@ def _search(args) -> None:
     checkpoints = os.path.join(out, "checkpoints")
     if not args.resume and list_checkpoints(checkpoints):
         raise ValueError(f"{out} holds checkpoints of a search: continue it with --resume, or choose another --out")
-    os.makedirs(out, exist_ok=True)
-    print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
+    if main_process:
+        os.makedirs(out, exist_ok=True)
+        print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
     settings = {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)}
     config_path = os.path.join(out, "config.json")
-    if not args.resume:
+    if not args.resume and main_process:
         atomic_write_text(config_path, json.dumps(settings, indent=2))
 
     def save_history(history, supernet):
+        if not main_process:
+            return
         # On resume, config.json changes only once the checkpoint has been accepted.
         atomic_write_text(config_path, json.dumps(settings, indent=2))
         atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
@@ -144,7 +167,11 @@ def _search(args) -> None:
         checkpoint_every=checkpoint_every,
         resume=args.resume,
         allow_changes=args.allow_change,
+        devices=args.devices,
+        progress=None if main_process else False,
     )
+    if not main_process:
+        return
     save_history(result.history, result.supernet)
     atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(result.genotype.to_json(), indent=2))
     tmp = os.path.join(out, f".supernet.eqx.tmp-{os.getpid()}")

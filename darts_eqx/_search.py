@@ -23,7 +23,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from . import _checkpoint
+from . import _checkpoint, _parallel
 from ._checkpoint import CheckpointError, CheckpointWarning
 from ._data import load
 from ._discretize import derive_genotype, discretize
@@ -226,11 +226,13 @@ def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch
     return new, StepMetrics(train_loss, train_acc, val_loss, val_acc, *norms)
 
 
-def make_chunk_fn(static, w_opt, a_opt):
+def make_chunk_fn(static, w_opt, a_opt, mesh=None):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`. The
     data stays on device and only indices change per call, so nothing recompiles; the state's
-    buffers are donated, so a chunk does not hold two copies of the supernet."""
+    buffers are donated, so a chunk does not hold two copies of the supernet. With a `mesh`, each
+    gathered batch stays split over its `data` axis (see `_parallel`)."""
+    constrain = _parallel.batch_constraint(mesh)
 
     # A retrace would mean a recompile per chunk (minutes on CPU): make it an error, not a slowdown.
     @eqx.filter_jit(donate="all-except-first")
@@ -240,7 +242,8 @@ def make_chunk_fn(static, w_opt, a_opt):
 
         def body(state, idx):
             it, iv = idx
-            return search_step(state, static, w_opt, a_opt, (images[it], labels[it]), (images[iv], labels[iv]))
+            train = constrain(images[it]), constrain(labels[it])
+            return search_step(state, static, w_opt, a_opt, train, (constrain(images[iv]), constrain(labels[iv])))
 
         return lax.scan(body, state, (train_idx, val_idx))
 
@@ -251,14 +254,14 @@ def arch_weights(model) -> dict[str, np.ndarray]:
     """softmax(alpha) of each cell type, by name."""
     if isinstance(model, SearchNetwork):
         out = {
-            "alpha_normal": np.asarray(model.alpha_normal.weights()),
-            "alpha_reduce": np.asarray(model.alpha_reduce.weights()),
+            "alpha_normal": _parallel.fetch(model.alpha_normal.weights()),
+            "alpha_reduce": _parallel.fetch(model.alpha_reduce.weights()),
         }
         if model.beta_normal is not None:
-            out["beta_normal"] = np.asarray(model.beta_normal.weights())
-            out["beta_reduce"] = np.asarray(model.beta_reduce.weights())
+            out["beta_normal"] = _parallel.fetch(model.beta_normal.weights())
+            out["beta_reduce"] = _parallel.fetch(model.beta_reduce.weights())
         return out
-    return {"alpha": np.asarray(model.alpha.weights())}
+    return {"alpha": _parallel.fetch(model.alpha.weights())}
 
 
 def _progress(total: int, initial: int, enabled: bool | None):
@@ -363,6 +366,7 @@ def search(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     resume: bool = False,
     allow_changes=(),
+    devices=None,
     **options,
 ) -> SearchResult:
     """Run a first-order DARTS search.
@@ -382,6 +386,10 @@ def search(
       bit-for-bit that of the same search never interrupted. A checkpoint of another config, data
       set or key is a `CheckpointError` naming the differences; `allow_changes=("epochs",)` accepts
       a different number of epochs.
+    - `devices`: data-parallel search over this many of `jax.devices()` (or a list of devices;
+      default: all). Each global batch is split over them, everything else is replicated, and
+      gradients and batch-norm statistics are over the global batch: the same search as on one
+      device, up to the order of floating-point sums. `batch_size` must divide evenly.
 
     **Returns:** a `SearchResult`.
 
@@ -402,6 +410,8 @@ def search(
         raise ValueError(
             f"{checkpoint_dir} holds checkpoints of a search: continue it with resume=True, or use another directory"
         )
+    mesh = _parallel.data_mesh(devices)
+    _parallel.check_batch(config.batch_size, mesh)
     data = load(data)
     n = len(data.x_train)
     n_train = int(round(n * config.train_portion))
@@ -441,6 +451,7 @@ def search(
             last_checkpoint, manifest = found
             _check_resumable(last_checkpoint, manifest, identity, allow_changes)
             state = _unsaved(_checkpoint.load_arrays(last_checkpoint, _saved(state)), key_impl)
+            state = _parallel.replicate(state, mesh)
             start_epoch, start_step, history = manifest["epoch"], manifest["epoch_step"], manifest["history"]
             if start_step % chunk_len:  # written with another chunking: shorter chunks, same result
                 chunk_len = math.gcd(chunk_len, start_step)
@@ -451,10 +462,17 @@ def search(
     def save_checkpoint(epoch: int, epoch_step: int, metrics: list[StepMetrics]) -> str:
         joined = [np.concatenate(v).tolist() for v in zip(*metrics)] if metrics else None
         record = {**identity, "epoch": epoch, "epoch_step": epoch_step, "history": history, "epoch_metrics": joined}
-        return _checkpoint.save(checkpoint_dir, int(state.step), _saved(state), record)
+        step = int(_parallel.fetch(state.step))
+        if not _parallel.is_main_process():  # one writer; every process holds the same state
+            return os.path.join(checkpoint_dir, f"step-{step:09d}")
+        return _checkpoint.save(checkpoint_dir, step, jax.tree.map(_parallel.fetch, _saved(state)), record)
 
-    device_data = (jnp.asarray(data.x_train), jnp.asarray(data.y_train))
-    chunk = make_chunk_fn(static, w_opt, a_opt)
+    if mesh is None:
+        device_data = (jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+    else:
+        state = _parallel.replicate(state, mesh)
+        device_data = _parallel.replicate((data.x_train, data.y_train), mesh)
+    chunk = make_chunk_fn(static, w_opt, a_opt, mesh)
     used = steps_per_epoch * config.batch_size
     epoch_seconds = []
     unsaved_steps = 0
@@ -465,13 +483,16 @@ def search(
             key_t, key_v = jax.random.split(jax.random.fold_in(key_order, epoch))
             train_idx = jax.random.permutation(key_t, train_pool)[:used].reshape(chunks_per_epoch, chunk_len, -1)
             val_idx = jax.random.permutation(key_v, val_pool)[:used].reshape(chunks_per_epoch, chunk_len, -1)
+            if mesh is not None:
+                train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
             first_chunk = start_step // chunk_len if epoch == start_epoch else 0
             if epoch != start_epoch:
                 epoch_metrics = []
             for c in range(first_chunk, chunks_per_epoch):
-                step_before = int(state.step)
-                state, m = chunk((*device_data, train_idx[c], val_idx[c]), state)
-                m = jax.device_get(m)
+                step_before = int(_parallel.fetch(state.step))
+                idx = _parallel.shard_rows(train_idx[c], mesh), _parallel.shard_rows(val_idx[c], mesh)
+                state, m = chunk((*device_data, *idx), state)
+                m = jax.tree.map(_parallel.fetch, m)
                 _check_finite(m, state, step_before, epoch, last_checkpoint)
                 epoch_metrics.append(m)
                 bar.update(chunk_len)
@@ -496,6 +517,8 @@ def search(
                 callback(list(history), supernet)
     finally:
         bar.close()
+    if mesh is not None:  # hand back ordinary single-device arrays
+        state = _unsaved(jax.tree.map(lambda x: jnp.asarray(_parallel.fetch(x)), _saved(state)), key_impl)
     supernet = combine_arch(state.arch, state.weights, static)
     genotype = derive_genotype(supernet)
     network = discretize(supernet, genotype) if config.partial_channels == 1 else None
@@ -522,10 +545,10 @@ def _check_finite(metrics: StepMetrics, state: SearchState, step_before: int, ep
                 f"{name} became non-finite ({values[bad[0]]}) at step {step_before + int(bad[0]) + 1} "
                 f"(epoch {epoch + 1}); the search stopped and no genotype was derived{kept}. Try a lower w_lr or a_lr."
             )
-    weights_ok, arch_ok = (bool(v) for v in _finite(state))
+    weights_ok, arch_ok = (bool(_parallel.fetch(v)) for v in _finite(state))
     for name, ok in (("weights", weights_ok), ("alpha", arch_ok)):
         if not ok:
             raise SearchDiverged(
-                f"{name} became non-finite by step {int(state.step)} (epoch {epoch + 1}); the search stopped "
-                f"and no genotype was derived{kept}"
+                f"{name} became non-finite by step {int(_parallel.fetch(state.step))} (epoch {epoch + 1}); "
+                f"the search stopped and no genotype was derived{kept}"
             )

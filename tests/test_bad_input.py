@@ -150,13 +150,21 @@ BAD_ARGUMENTS = [
     (["--allow-change", "channels"], r"argument --allow-change: invalid choice: 'channels'"),
     (["--resume"], r"--resume needs --out DIR"),
     (["--colour", "red"], r"unrecognized arguments: --colour red"),
+    (["--devices", "3"], r"devices \(=3\) must lie in \[1, 1\]: this run sees 1 cpu device\(s\)"),
+    (["--coordinator", "localhost:1"], r"--coordinator, --num-processes and --process-id go together"),
+    (
+        ["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+        r"coordinator \(='localhost'\) must be HOST:PORT",
+    ),
+    (
+        ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+        r"process_id \(=2\) must lie in \[0, num_processes=2\)",
+    ),
 ]
 
 
-@FAST
-@given(st.lists(st.sampled_from(BAD_ARGUMENTS), min_size=1, max_size=1))
-def test_cli_bad_arguments_are_one_line_exit_2(cases):
-    (args, pattern) = cases[0]
+@pytest.mark.parametrize("args,pattern", BAD_ARGUMENTS)
+def test_cli_bad_arguments_are_one_line_exit_2(args, pattern):
     with tempfile.TemporaryDirectory() as tmp:
         out = [] if "--resume" in args else ["--out", os.path.join(tmp, "run")]
         code, err = run_cli(["search", *args, *out])

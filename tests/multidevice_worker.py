@@ -1,0 +1,76 @@
+"""Run by test_multidevice.py in a fresh interpreter, so that XLA_FLAGS can give JAX several CPU
+devices before it starts. `local`: 1- vs 4-device searches in one process; `process I P PORT DIR`:
+process I of P in a jax.distributed run on localhost. Prints one JSON line."""
+
+import json
+import os
+import sys
+
+mode = sys.argv[1]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if mode == 'local' else 2}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import tiny_arrays  # noqa: E402
+
+import darts_eqx as dx  # noqa: E402
+from darts_eqx import _parallel, _search  # noqa: E402
+
+DATA = dx.data.from_arrays(*tiny_arrays(n=128))
+OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
+
+
+def summary(result):
+    return {
+        "alpha": np.asarray(result.supernet.alpha.logits).tolist(),
+        "history": result.history,
+        "genotype": result.genotype.to_json(),
+    }
+
+
+def compiled_chunk_text(devices: int) -> str:
+    """The optimised HLO of the 4-device search chunk."""
+    config = _search.SearchConfig(**{k: v for k, v in OPTIONS.items() if k != "progress"})
+    mesh = _parallel.data_mesh(devices)
+    model = _search.build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
+    arch, weights, static = dx.split_arch(model)
+    w_opt, a_opt = _search.weight_optimizer(config, 4), _search.arch_optimizer(config)
+    state = _search.SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), np.int32(0), jax.random.key(1))
+    state = _parallel.replicate(state, mesh)
+    data = _parallel.replicate((DATA.x_train, DATA.y_train), mesh)
+    idx = _parallel.shard_rows(np.arange(32).reshape(2, 16), mesh)
+    chunk = _search.make_chunk_fn(static, w_opt, a_opt, mesh)
+    return chunk.lower((*data, idx, idx), state).compile().compiled.as_text()
+
+
+if mode == "local":
+    out = {"devices": len(jax.devices())}
+    one = dx.search(jax.random.key(3), DATA, devices=1, **OPTIONS)
+    four = dx.search(jax.random.key(3), DATA, devices=4, checkpoint_dir=sys.argv[2], checkpoint_every=2, **OPTIONS)
+    out["one"], out["four"] = summary(one), summary(four)
+    # the 4-device checkpoints resume on one device: the checkpoint does not depend on the mesh
+    os.remove(os.path.join(sys.argv[2], "step-000000008", "manifest.json"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dx.CheckpointWarning)
+        resumed = dx.search(
+            jax.random.key(3), DATA, devices=1, checkpoint_dir=sys.argv[2], checkpoint_every=2, resume=True, **OPTIONS
+        )
+    out["resumed_on_one"] = summary(resumed)
+    out["all_reduce"] = "all-reduce" in compiled_chunk_text(4)
+    out["errors"] = []
+    for options in (dict(devices=4, batch_size=18), dict(devices=5), dict(devices=0)):
+        try:
+            dx.search(jax.random.key(3), DATA, **{**OPTIONS, **options})
+        except ValueError as e:
+            out["errors"].append(str(e))
+    print(json.dumps(out))
+else:
+    index, count, port, directory = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    _parallel.initialize(f"localhost:{port}", count, index)
+    result = dx.search(jax.random.key(3), DATA, checkpoint_dir=directory, checkpoint_every=2, **OPTIONS)
+    print(json.dumps({"devices": len(jax.devices()), "local": len(jax.local_devices()), **summary(result)}))
