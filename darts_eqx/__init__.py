@@ -11,6 +11,11 @@ from ._discretize import (
     derive_genotype as derive_genotype,
     discretize as discretize,
 )
+from ._eval import (
+    EvalNetwork as EvalNetwork,
+    count_parameters as count_parameters,
+    make_eval_network as make_eval_network,
+)
 from ._genotype import Genotype as Genotype
 from ._mixed import (
     ArchLogits as ArchLogits,
@@ -20,6 +25,7 @@ from ._mixed import (
     split_arch as split_arch,
 )
 from ._network import SearchNetwork as SearchNetwork, SeedNetwork as SeedNetwork
+from ._plot import plot_alphas as plot_alphas, plot_cell as plot_cell
 from ._search import (
     SearchConfig as SearchConfig,
     SearchDiverged as SearchDiverged,
@@ -29,4 +35,12 @@ from ._search import (
     search_step as search_step,
 )
 from ._spaces import DARTS_SPACE as DARTS_SPACE, SEED_SPACE as SEED_SPACE, SearchSpace as SearchSpace
+from ._train import (
+    TrainConfig as TrainConfig,
+    TrainResult as TrainResult,
+    load_trained as load_trained,
+    save_trained as save_trained,
+    train as train,
+)
 from ._version import __version__ as __version__
+from ._zoo import GENOTYPES as GENOTYPES, named_genotype as named_genotype

@@ -1,4 +1,4 @@
-"""`darts-eqx` command line: `darts-eqx search [options]`."""
+"""`darts-eqx` command line: `darts-eqx search|train|show [options]`."""
 
 import argparse
 import dataclasses
@@ -73,6 +73,24 @@ def _parser() -> argparse.ArgumentParser:
         help="several hosts: let jax.distributed.initialize read the cluster (SLURM, Open MPI, ...)",
     )
     s.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+    t = commands.add_parser("train", help="train a genotype from scratch and report test accuracy")
+    t.add_argument("--genotype", required=True, help="a genotype.json, a file with Genotype(...), or a name (DARTS_V2)")
+    t.add_argument("--dataset", default="digits", help="as for search; needs a test split")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--channels", type=int, help="initial channels C (paper: 36)")
+    t.add_argument("--layers", type=int, help="number of cells (paper: 20)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--auxiliary", action=argparse.BooleanOptionalAction, default=None, help="auxiliary head (0.4)")
+    t.add_argument("--cutout", action=argparse.BooleanOptionalAction, default=None, help="cutout augmentation")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="run folder (default: a new folder under runs/)")
+    t.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+    v = commands.add_parser("show", help="print a genotype and draw its cells")
+    v.add_argument("genotype", help="a genotype.json, a file with Genotype(...), or a name (DARTS_V2)")
+    v.add_argument("--out", default=".", help="folder for normal.png and reduce.png (default: here)")
+    v.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return parser
 
 
@@ -183,7 +201,86 @@ def _search(args) -> None:
         f"val acc {last['val_acc']:.3f}; wrote {out}/genotype.json, history.json",
         file=sys.stderr,
     )
+    if result.genotype.space == "darts":
+        from ._plot import plot_alphas, plot_cell
+
+        for which in ("normal", "reduce"):
+            plot_cell(result.genotype, which, os.path.join(out, f"{which}.png"))
+        plot_alphas(result.history, os.path.join(out, "alphas.png"))
     print(result.genotype)
+
+
+def read_genotype(source: str):
+    """A genotype from a JSON file (`genotype.json`), a text file holding `Genotype(...)`, or a
+    published genotype's name."""
+    from ._genotype import Genotype
+    from ._zoo import named_genotype
+
+    if os.path.isfile(source):
+        with open(source) as f:
+            text = f.read()
+        try:
+            return Genotype.from_json(text) if text.lstrip().startswith("{") else Genotype.parse(text.strip())
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    if os.sep in source or source.endswith((".json", ".txt")):
+        raise ValueError(f"genotype file {source!r} does not exist")
+    return named_genotype(source)
+
+
+# Small defaults for the embedded digits (8x8), so that a bare `darts-eqx train` takes minutes.
+TRAIN_DIGITS_DEFAULTS = {"channels": 8, "layers": 5, "epochs": 20, "batch_size": 64, "auxiliary": False}
+
+
+def _train(args) -> None:
+    import jax
+
+    from ._checkpoint import atomic_write_text
+    from ._data import load
+    from ._train import TrainConfig, save_trained, train
+
+    genotype = read_genotype(args.genotype)
+    data = load(args.dataset)
+    options = dict(TRAIN_DIGITS_DEFAULTS) if data.name == "digits" else {}
+    for name in ("epochs", "channels", "layers", "batch_size", "auxiliary", "cutout"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    config = TrainConfig().replace(**options)
+    out = args.out or _new_run_dir()
+    os.makedirs(out, exist_ok=True)
+    print(f"darts-eqx train: {genotype}\n  {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
+    atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(genotype.to_json(), indent=2))
+    atomic_write_text(
+        os.path.join(out, "train_config.json"),
+        json.dumps({"dataset": args.dataset, "seed": args.seed, **dataclasses.asdict(config)}, indent=2),
+    )
+
+    def save_history(history, model, state):
+        atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
+
+    start = time.perf_counter()
+    result = train(jax.random.key(args.seed), genotype, data, config, callback=save_history)
+    save_trained(out, result, data.num_classes, data.image_shape[2])
+    last = result.history[-1]
+    print(
+        f"done in {time.perf_counter() - start:.0f} s: {result.parameters:,} parameters, train acc "
+        f"{last['train_acc']:.3f}, test acc {last['test_acc']:.3f}; wrote {out}/history.json, model.eqx",
+        file=sys.stderr,
+    )
+
+
+def _show(args) -> None:
+    from ._plot import plot_cell
+
+    genotype = read_genotype(args.genotype)
+    print(genotype)
+    if genotype.space != "darts":
+        return
+    os.makedirs(args.out, exist_ok=True)
+    for which in ("normal", "reduce"):
+        path = os.path.join(args.out, f"{which}.png")
+        engine = plot_cell(genotype, which, path)
+        print(f"wrote {path} ({engine})", file=sys.stderr)
 
 
 def _one_line(message) -> str:
@@ -203,8 +300,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():  # restores the caller's warning display afterwards
             if not args.debug:
                 warnings.showwarning = _show_warning
-            if args.command == "search":
-                _search(args)
+            {"search": _search, "train": _train, "show": _show}[args.command](args)
         return 0
     except (ValueError, FloatingPointError, OSError) as e:
         if args.debug:

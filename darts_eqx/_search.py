@@ -171,18 +171,34 @@ def build_supernet(config: SearchConfig, image_shape, num_classes: int, *, key: 
     return network(config.channels, config.layers, num_classes, in_channels, key=key)
 
 
+def cosine_lr(lr: float, lr_min: float, epochs: int, epoch):
+    """The paper's cosine annealing from `lr` to `lr_min`, stepped once per epoch."""
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+
+
 def epoch_lr(config: SearchConfig, epoch):
-    """The paper's cosine annealing of the weight lr, stepped once per epoch."""
-    cos = jnp.cos(jnp.pi * epoch / config.epochs)
-    return config.w_lr_min + (config.w_lr - config.w_lr_min) * 0.5 * (1.0 + cos)
+    """The weight lr of the search in `epoch` (from 0)."""
+    return cosine_lr(config.w_lr, config.w_lr_min, config.epochs, epoch)
+
+
+def clipped_sgd(lr_of_epoch, steps_per_epoch: int, momentum: float, weight_decay: float, grad_clip: float):
+    """Clip to global norm, add L2 weight decay, SGD with momentum on a per-epoch lr (the
+    original's `clip_grad_norm_` + `SGD(weight_decay=)` + an epoch-stepped scheduler)."""
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(lambda count: lr_of_epoch(count // steps_per_epoch), momentum=momentum),
+    )
 
 
 def weight_optimizer(config: SearchConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Clip to global norm, add L2 weight decay, SGD with momentum on the per-epoch cosine lr."""
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        optax.add_decayed_weights(config.w_weight_decay),
-        optax.sgd(lambda count: epoch_lr(config, count // steps_per_epoch), momentum=config.w_momentum),
+    """The search's SGD on the weights."""
+    return clipped_sgd(
+        lambda epoch: epoch_lr(config, epoch),
+        steps_per_epoch,
+        config.w_momentum,
+        config.w_weight_decay,
+        config.grad_clip,
     )
 
 

@@ -48,3 +48,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and err.startswith("darts-eqx: error:") and "nope.npz" in err and "Traceback" not in err
     code = main(["search", "--batch-size", "5000", "--out", str(tmp_path / "r")])
     assert code == 2 and "batch_size (=5000)" in capsys.readouterr().err
+
+
+def test_darts_search_draws_its_cells_and_alphas(tmp_path):
+    x, y = tiny_arrays(n=64)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
+    out = tmp_path / "run"
+    args = ["search", "--dataset", str(tmp_path / "d.npz"), "--space", "darts", "--epochs", "2", "--batch-size", "16"]
+    assert main([*args, "--channels", "4", "--layers", "2", "--out", str(out)]) == 0
+    for name in ("normal.png", "reduce.png", "alphas.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name

@@ -1,0 +1,314 @@
+"""Train a genotype from scratch (Liu et al., 2019, App. A.2): SGD momentum 0.9, weight decay
+3e-4, cosine lr 0.025 -> 0 stepped per epoch, gradient clip 5, auxiliary loss weight 0.4,
+drop-path ramped linearly from 0 to 0.2 over training, random crop (4-pixel padding), horizontal
+flip and cutout (16 px on 32x32) done in JAX inside the jitted step, with the augmentation key
+threaded through the `lax.scan` carry; test accuracy each epoch with the running BN statistics.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jaxtyping import PRNGKeyArray
+
+from ._checkpoint import atomic_write_text
+from ._data import load
+from ._eval import EvalNetwork, count_parameters, make_eval_network
+from ._genotype import Genotype
+from ._network import reduction_layers
+from ._search import _progress, clipped_sgd, cosine_lr
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options; the defaults are the paper's CIFAR-10 evaluation (App. A.2).
+
+    `cutout_length` and `crop_padding` are for 32x32 images and scale with the image size (16 and
+    4 on CIFAR, 4 and 1 on 8x8 digits). `drop_path_prob` is reached at the last epoch, growing
+    linearly from 0."""
+
+    channels: int = 36
+    layers: int = 20
+    epochs: int = 600
+    batch_size: int = 96
+    lr: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path_prob: float = 0.2
+    cutout: bool = True
+    cutout_length: int = 16
+    crop_padding: int = 4
+    flip: bool = True
+    steps_per_chunk: int | None = None
+
+    def __post_init__(self):
+        for name in ("channels", "layers", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` (={value!r}) must be a positive integer")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` (={self.lr!r}) must be positive")
+        for name in ("lr_min", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "cutout_length"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be non-negative")
+        if not 0 <= self.drop_path_prob < 1:
+            raise ValueError(f"`drop_path_prob` (={self.drop_path_prob!r}) must lie in [0, 1)")
+        if self.steps_per_chunk is not None and (not isinstance(self.steps_per_chunk, int) or self.steps_per_chunk < 1):
+            raise ValueError(f"`steps_per_chunk` (={self.steps_per_chunk!r}) must be a positive integer or None")
+
+    def replace(self, **changes) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The trained `model` and its batch-norm `state`, the per-epoch `history` (`epoch`,
+    `train_loss`, `train_acc`, `test_acc`, `lr`, `drop_prob`), the parameter count (without the
+    auxiliary head), the config, and wall-clock seconds per epoch."""
+
+    model: EvalNetwork
+    state: Any
+    history: list[dict]
+    parameters: int
+    config: TrainConfig
+    epoch_seconds: list[float]
+
+
+def augment(key: PRNGKeyArray, x, config: TrainConfig):
+    """Random crop from a zero-padded image, horizontal flip, cutout; sizes scale with the image."""
+    n, h, w, _ = x.shape
+    k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    pad = round(config.crop_padding * h / 32)
+    if pad:
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
+        x = jax.vmap(lambda img, o: lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(padded, offsets)
+    if config.flip:
+        flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
+        x = jnp.where(flip, x[:, :, ::-1, :], x)
+    length = round(config.cutout_length * h / 32)
+    if config.cutout and length:
+        k_row, k_col = jax.random.split(k_cut)
+        cy, cx = jax.random.randint(k_row, (n, 1), 0, h), jax.random.randint(k_col, (n, 1), 0, w)
+        rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
+        # as the original: the square [c - L//2, c + L//2) clipped to the image
+        in_rows = (rows >= cy - length // 2) & (rows < cy + length // 2)
+        in_cols = (cols >= cx - length // 2) & (cols < cx + length // 2)
+        mask = in_rows[:, :, None] & in_cols[:, None, :]
+        x = jnp.where(mask[..., None], 0.0, x)
+    return x
+
+
+def epoch_lr(config: TrainConfig, epoch):
+    return cosine_lr(config.lr, config.lr_min, config.epochs, epoch)
+
+
+def train_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    return clipped_sgd(
+        lambda epoch: epoch_lr(config, epoch), steps_per_epoch, config.momentum, config.weight_decay, config.grad_clip
+    )
+
+
+def _loss(params, static, bn_state, x, y, config: TrainConfig, drop_prob, key):
+    model = eqx.combine(params, static)
+    logits, aux_logits, bn_state = model(x, bn_state, train=True, drop_prob=drop_prob, key=key)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    total = loss
+    if aux_logits is not None:
+        total = loss + config.auxiliary_weight * optax.softmax_cross_entropy_with_integer_labels(aux_logits, y).mean()
+    return total, (loss, jnp.mean(jnp.argmax(logits, -1) == y), bn_state)
+
+
+def make_train_chunk(static, optimizer, config: TrainConfig):
+    """Jitted `chunk((images, labels, idx[steps, batch], drop_prob), carry) -> (carry, metrics)`
+    with `carry = (params, opt_state, bn_state, key)`; the carry is donated."""
+
+    @eqx.filter_jit(donate="all-except-first")
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def chunk(inputs, carry):
+        images, labels, idx, drop_prob = inputs
+
+        def step(carry, batch_idx):
+            params, opt_state, bn_state, key = carry
+            key, k_aug, k_drop = jax.random.split(key, 3)
+            x = augment(k_aug, images[batch_idx], config)
+            grads, (loss, acc, bn_state) = jax.grad(_loss, has_aux=True)(
+                params, static, bn_state, x, labels[batch_idx], config, drop_prob, k_drop
+            )
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = eqx.apply_updates(params, updates)
+            return (params, opt_state, bn_state, key), (loss, acc)
+
+        return lax.scan(step, carry, idx)
+
+    return chunk
+
+
+def make_evaluate(static, batch_size: int):
+    """Jitted `evaluate(params, bn_state, images, labels, valid) -> correct count`, inference mode,
+    over batches `[n_batches, batch, ...]` with a mask for the padding of the last batch."""
+
+    @eqx.filter_jit
+    def evaluate(params, bn_state, images, labels, valid):
+        model = eqx.combine(params, static)
+
+        def body(total, batch):
+            x, y, ok = batch
+            logits, _, _ = model(x, bn_state, train=False)
+            return total + jnp.sum((jnp.argmax(logits, -1) == y) & ok), None
+
+        return lax.scan(body, jnp.zeros((), jnp.int32), (images, labels, valid))[0]
+
+    return evaluate
+
+
+def _batched(x, y, batch_size: int):
+    n = len(x)
+    padded = -(-n // batch_size) * batch_size
+    pad = padded - n
+    valid = np.arange(padded) < n
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    shape = (padded // batch_size, batch_size)
+    return x.reshape(*shape, *x.shape[1:]), y.reshape(shape), valid.reshape(shape)
+
+
+def train(
+    key: PRNGKeyArray,
+    genotype: Genotype,
+    data=None,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool | None = None,
+    callback=None,
+    **options,
+) -> TrainResult:
+    """Train `genotype` from scratch on `data`'s training split; test accuracy on its test split
+    after each epoch. `callback(history, model, state)` is called after each epoch."""
+    config = (config or TrainConfig()).replace(**options)
+    if not isinstance(genotype, Genotype):
+        raise ValueError(f"genotype must be a Genotype, got {type(genotype).__name__}")
+    data = load(data)
+    if data.x_test is None:
+        raise ValueError(f"data set {data.name!r} has no test split: training from scratch reports test accuracy")
+    n = len(data.x_train)
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size (={config.batch_size}) is larger than the {n} training images")
+    chunk_len = min(config.steps_per_chunk or steps_per_epoch, steps_per_epoch)
+    chunks = steps_per_epoch // chunk_len
+    steps_per_epoch = chunks * chunk_len
+    reductions = len(reduction_layers(config.layers))
+    if data.image_shape[0] % 2**reductions or data.image_shape[1] % 2**reductions:
+        raise ValueError(
+            f"images of {data.image_shape[0]}x{data.image_shape[1]} cannot pass {reductions} reduction cells: "
+            f"height and width must be divisible by {2**reductions}"
+        )
+
+    key_model, key_order, key_train = jax.random.split(key, 3)
+    model, bn_state = make_eval_network(
+        genotype, config.channels, config.layers, data.num_classes, data.image_shape[2], config.auxiliary, key=key_model
+    )
+    parameters = count_parameters(model)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    optimizer = train_optimizer(config, steps_per_epoch)
+    carry = (params, optimizer.init(params), bn_state, key_train)
+    chunk = make_train_chunk(static, optimizer, config)
+    evaluate = make_evaluate(static, config.batch_size)
+    images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    test = tuple(jnp.asarray(a) for a in _batched(data.x_test, data.y_test, config.batch_size))
+
+    history, seconds = [], []
+    bar = _progress(config.epochs * steps_per_epoch, 0, progress)
+    try:
+        for epoch in range(config.epochs):
+            start = time.perf_counter()
+            drop_prob = jnp.float32(config.drop_path_prob * epoch / config.epochs)
+            order = jax.random.permutation(jax.random.fold_in(key_order, epoch), n)
+            idx = order[: steps_per_epoch * config.batch_size].reshape(chunks, chunk_len, config.batch_size)
+            losses, accs = [], []
+            for c in range(chunks):
+                carry, (loss, acc) = chunk((images, labels, idx[c], drop_prob), carry)
+                losses.append(np.asarray(loss))
+                accs.append(np.asarray(acc))
+                bar.update(chunk_len)
+            loss, acc = np.concatenate(losses), np.concatenate(accs)
+            if not np.all(np.isfinite(loss)):
+                bad = int(np.flatnonzero(~np.isfinite(loss))[0])
+                raise FloatingPointError(
+                    f"training loss became non-finite at step {epoch * steps_per_epoch + bad + 1} (epoch {epoch + 1})"
+                )
+            correct = int(evaluate(carry[0], carry[2], *test))
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(loss.mean()),
+                "train_acc": float(acc.mean()),
+                "test_acc": correct / len(data.x_test),
+                "lr": float(epoch_lr(config, epoch)),
+                "drop_prob": float(drop_prob),
+            }
+            history.append(record)
+            seconds.append(time.perf_counter() - start)
+            bar.set_postfix(epoch=epoch + 1, train=f"{record['train_acc']:.3f}", test=f"{record['test_acc']:.3f}")
+            if callback is not None:
+                callback(list(history), eqx.combine(carry[0], static), carry[2])
+    finally:
+        bar.close()
+    return TrainResult(eqx.combine(carry[0], static), carry[2], history, parameters, config, seconds)
+
+
+def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes: int, in_channels: int) -> None:
+    """Write `model.eqx` (network and batch-norm state) and `model.json` (what rebuilds it)."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".model.eqx.tmp-{os.getpid()}")
+    eqx.tree_serialise_leaves(tmp, (result.model, result.state))
+    os.replace(tmp, os.path.join(directory, "model.eqx"))
+    spec = {
+        "genotype": result.model.genotype.to_json(),
+        "channels": result.config.channels,
+        "layers": result.config.layers,
+        "auxiliary": result.config.auxiliary,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+    }
+    atomic_write_text(os.path.join(directory, "model.json"), json.dumps(spec, indent=2))
+
+
+def load_trained(directory: str | os.PathLike) -> tuple[EvalNetwork, Any]:
+    """`(model, state)` written by `save_trained` / `darts-eqx train`; call
+    `model(x, state)` for inference logits."""
+    directory = os.fspath(directory)
+    try:
+        with open(os.path.join(directory, "model.json")) as f:
+            spec = json.load(f)
+        genotype = Genotype.from_json(spec["genotype"])
+        like = make_eval_network(
+            genotype,
+            spec["channels"],
+            spec["layers"],
+            spec["num_classes"],
+            spec["in_channels"],
+            spec["auxiliary"],
+            key=jax.random.key(0),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{directory} holds no readable trained model ({type(e).__name__}: {e})") from None
+    return eqx.tree_deserialise_leaves(os.path.join(directory, "model.eqx"), like)
