@@ -34,6 +34,7 @@ from ._search import (
     search as search,
     search_step as search_step,
 )
+from ._second_order import arch_gradient as arch_gradient, momentum_buffer as momentum_buffer
 from ._spaces import DARTS_SPACE as DARTS_SPACE, SEED_SPACE as SEED_SPACE, SearchSpace as SearchSpace
 from ._train import (
     TrainConfig as TrainConfig,

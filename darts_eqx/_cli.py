@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="darts-eqx", description="Differentiable Architecture Search in JAX + Equinox")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("search", help="run a first-order DARTS search")
+    s = commands.add_parser("search", help="run a DARTS search")
     s.add_argument(
         "--dataset",
         help="digits (embedded, default), a Hugging Face name such as cifar10, or a path "
@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         "--partial-channels",
         type=int,
         help="PC-DARTS: send 1/K of each edge's channels through its mixed op, with edge normalisation",
+    )
+    s.add_argument("--order", type=int, choices=(1, 2), help="1: first order (default); 2: unrolled gradient")
+    s.add_argument(
+        "--estimator",
+        choices=("exact", "finite_difference"),
+        help="second order: differentiate through the virtual step (exact, default) or the paper's finite difference",
     )
     s.add_argument("--seed", type=int, help="PRNG seed (default: 0)")
     s.add_argument("--out", help="run folder (default: a new folder under runs/)")
@@ -103,7 +109,17 @@ def _new_run_dir() -> str:
     return path
 
 
-_CONFIG_OPTIONS = ("space", "epochs", "batch_size", "channels", "layers", "steps_per_chunk", "partial_channels")
+_CONFIG_OPTIONS = (
+    "space",
+    "epochs",
+    "batch_size",
+    "channels",
+    "layers",
+    "steps_per_chunk",
+    "partial_channels",
+    "order",
+    "estimator",
+)
 
 
 def _run_settings(args) -> tuple[str, int, int, dict]:

@@ -1,8 +1,9 @@
-"""First-order DARTS search: alternating alpha and weight steps, fused with `lax.scan`.
+"""DARTS search: alternating alpha and weight steps, fused with `lax.scan`.
 
-Per step: one Adam step on alpha with the gradient of the loss on a validation batch, then one SGD
-step on the weights with the gradient of the loss on a training batch (Liu et al., 2019, Alg. 1,
-first-order approximation). A chunk of steps is one `lax.scan` inside one jitted call.
+Per step: one Adam step on alpha with the gradient of the loss on a validation batch (first order),
+or of the loss after one virtual weight step (second order, `_second_order`), then one SGD step on
+the weights with the gradient of the loss on a training batch (Liu et al., 2019, Alg. 1). A chunk
+of steps is one `lax.scan` inside one jitted call.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from ._discretize import derive_genotype, discretize
 from ._genotype import Genotype
 from ._mixed import combine_arch, split_arch
 from ._network import SearchNetwork, SeedNetwork, reduction_layers
+from ._second_order import ESTIMATORS, arch_gradient, momentum_buffer
 from ._spaces import get_space
 from ._version import __version__
 
@@ -52,6 +54,10 @@ class SearchConfig:
     - `a_*`: Adam for alpha, with L2 weight decay added to the gradient as PyTorch's Adam does.
     - `steps_per_chunk`: steps fused into one jitted `lax.scan` call (default: a whole epoch);
       an epoch is cut to a whole number of chunks.
+    - `order`: 1 for first-order DARTS, 2 for the unrolled architecture gradient (`arch_gradient`)
+      with `estimator` `exact` (differentiated through the virtual weight step) or
+      `finite_difference` (the paper's Eq. 8); `xi` is the virtual step size (None: the current
+      weight lr, as the paper). With order 2 the recorded val loss/acc are at the unrolled weights.
     - `partial_channels`: k > 1 searches PC-DARTS' partial channel connections with edge
       normalisation (Xu et al., ICLR 2020; k=4 there) in the DARTS space; it must divide
       `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
@@ -74,6 +80,8 @@ class SearchConfig:
     a_weight_decay: float = 1e-3
     steps_per_chunk: int | None = None
     order: int = 1
+    estimator: str = "exact"
+    xi: float | None = None
     partial_channels: int = 1
 
     def __post_init__(self):
@@ -104,8 +112,12 @@ class SearchConfig:
                     f"`partial_channels` (={self.partial_channels}) must be a positive divisor of "
                     f"`channels` (={self.channels})"
                 )
-        if self.order != 1:
-            raise ValueError(f"`order` (={self.order!r}): only first-order search (1) is implemented")
+        if self.order not in (1, 2) or isinstance(self.order, bool):
+            raise ValueError(f"`order` (={self.order!r}) must be 1 (first order) or 2 (unrolled, second order)")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` (={self.estimator!r}) must be one of {ESTIMATORS}")
+        if self.xi is not None and not self.xi > 0:
+            raise ValueError(f"`xi` (={self.xi!r}) must be positive, or None for the current weight lr")
 
     def replace(self, **changes) -> "SearchConfig":
         """A copy with `changes`; unknown option names are an error naming them."""
@@ -225,11 +237,16 @@ def _weight_loss(weights, arch, static, x, y):
     return loss_and_accuracy(combine_arch(arch, weights, static), x, y)
 
 
-def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch):
-    """One first-order DARTS step: alpha on `val_batch`, then weights on `train_batch`."""
-    (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(_arch_loss, has_aux=True)(
-        state.arch, state.weights, static, *val_batch
-    )
+def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch, arch_grad=None):
+    """One DARTS step: alpha on `val_batch`, then weights on `train_batch`. First order unless
+    `arch_grad(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` is given
+    (see `second_order_gradient`)."""
+    if arch_grad is None:
+        (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(_arch_loss, has_aux=True)(
+            state.arch, state.weights, static, *val_batch
+        )
+    else:
+        (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
     a_updates, a_opt_state = a_opt.update(a_grads, state.a_opt_state, state.arch)
     arch = eqx.apply_updates(state.arch, a_updates)
     (train_loss, train_acc), w_grads = eqx.filter_value_and_grad(_weight_loss, has_aux=True)(
@@ -242,7 +259,29 @@ def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch
     return new, StepMetrics(train_loss, train_acc, val_loss, val_acc, *norms)
 
 
-def make_chunk_fn(static, w_opt, a_opt, mesh=None):
+def second_order_gradient(config: SearchConfig, steps_per_epoch: int):
+    """The `arch_grad` of `search_step` for `config.order == 2`: `arch_gradient` with the weight
+    optimiser's own virtual step (its momentum buffer, momentum, weight decay; xi = its lr now)."""
+
+    def arch_grad(state: SearchState, static, train_batch, val_batch):
+        xi = config.xi if config.xi is not None else epoch_lr(config, state.step // steps_per_epoch)
+        return arch_gradient(
+            state.arch,
+            state.weights,
+            static,
+            train_batch,
+            val_batch,
+            xi=xi,
+            momentum=config.w_momentum,
+            weight_decay=config.w_weight_decay,
+            buffer=momentum_buffer(state.w_opt_state),
+            estimator=config.estimator,
+        )
+
+    return arch_grad
+
+
+def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`. The
     data stays on device and only indices change per call, so nothing recompiles; the state's
@@ -259,7 +298,8 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None):
         def body(state, idx):
             it, iv = idx
             train = constrain(images[it]), constrain(labels[it])
-            return search_step(state, static, w_opt, a_opt, train, (constrain(images[iv]), constrain(labels[iv])))
+            val = constrain(images[iv]), constrain(labels[iv])
+            return search_step(state, static, w_opt, a_opt, train, val, arch_grad)
 
         return lax.scan(body, state, (train_idx, val_idx))
 
@@ -488,7 +528,8 @@ def search(
     else:
         state = _parallel.replicate(state, mesh)
         device_data = _parallel.replicate((data.x_train, data.y_train), mesh)
-    chunk = make_chunk_fn(static, w_opt, a_opt, mesh)
+    arch_grad = second_order_gradient(config, steps_per_epoch) if config.order == 2 else None
+    chunk = make_chunk_fn(static, w_opt, a_opt, mesh, arch_grad)
     used = steps_per_epoch * config.batch_size
     epoch_seconds = []
     unsaved_steps = 0

@@ -16,13 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 
 import darts_eqx as dx
-from darts_eqx._search import SearchConfig, SearchState, arch_optimizer, build_supernet, make_chunk_fn, weight_optimizer
+from darts_eqx._search import (
+    SearchConfig,
+    SearchState,
+    arch_optimizer,
+    build_supernet,
+    make_chunk_fn,
+    second_order_gradient,
+    weight_optimizer,
+)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--space", default="darts", choices=("darts", "seed"))
-    parser.add_argument("--order", type=int, default=1, choices=(1,))
+    parser.add_argument("--order", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--estimator", default="exact", choices=("exact", "finite_difference"))
     parser.add_argument("--C", type=int, default=8)
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
@@ -32,7 +41,13 @@ def main():
     parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS K (1: plain DARTS)")
     a = parser.parse_args()
     config = SearchConfig(
-        space=a.space, channels=a.C, layers=a.layers, batch_size=a.batch, partial_channels=a.partial_channels
+        space=a.space,
+        channels=a.C,
+        layers=a.layers,
+        batch_size=a.batch,
+        partial_channels=a.partial_channels,
+        order=a.order,
+        estimator=a.estimator,
     )
     key = jax.random.key(0)
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
@@ -44,7 +59,8 @@ def main():
     images = jnp.asarray(rng.normal(size=(n, a.image, a.image, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
-    chunk = make_chunk_fn(static, w_opt, a_opt)
+    arch_grad = second_order_gradient(config, 100) if a.order == 2 else None
+    chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     start = time.perf_counter()
     state, m = chunk(inputs, state)
@@ -60,6 +76,7 @@ def main():
                 "impl": "darts_eqx",
                 "space": a.space,
                 "order": a.order,
+                "estimator": a.estimator if a.order == 2 else None,
                 "C": a.C,
                 "layers": a.layers,
                 "batch": a.batch,

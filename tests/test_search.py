@@ -115,7 +115,8 @@ def test_divergence_stops_the_search_with_a_message():
         (dict(channels=0), r"`channels` \(=0\)"),
         (dict(train_portion=1.0), "train_portion"),
         (dict(colour="red"), r"unknown search option\(s\) \['colour'\]"),
-        (dict(order=2), "only first-order"),
+        (dict(order=3), r"`order` \(=3\) must be 1 \(first order\) or 2"),
+        (dict(order=2, estimator="newton"), r"`estimator` \(=.newton.\) must be one of"),
         (dict(layers=3), "divisible by 4"),
     ],
 )

@@ -1,0 +1,115 @@
+"""The second-order architecture gradient: exact against a central finite difference of the
+unrolled objective (float64), the paper's finite-difference estimator against the exact one, the
+virtual step against the weight optimiser's real step, and order-2 searches."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tiny_arrays
+
+import darts_eqx as dx
+from darts_eqx._search import SearchConfig, build_supernet, weight_optimizer
+from darts_eqx._second_order import _loss, momentum_buffer, virtual_step
+
+XI, MOMENTUM, DECAY = 0.2, 0.9, 3e-4
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def tiny_problem(dtype):
+    config = SearchConfig(space="seed", channels=3, layers=1)
+    model = build_supernet(config, (6, 6, 1), 3, key=jax.random.key(0))
+    model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
+    # alpha away from uniform, so that the ops' weights differ
+    model = eqx.tree_at(lambda m: m.alpha.logits, model, jnp.asarray([[0.3, -0.2, 0.5, 0.1, -0.4]], dtype))
+    arch, weights, static = dx.split_arch(model)
+    x, y = tiny_arrays(n=16, size=6)
+    train = jnp.asarray(x[:8], dtype), jnp.asarray(y[:8])
+    val = jnp.asarray(x[8:], dtype), jnp.asarray(y[8:])
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    buffer = jax.tree.map(lambda w: 0.1 * jax.random.normal(next(keys), w.shape, dtype), weights)
+    return arch, weights, static, train, val, buffer
+
+
+def test_exact_estimator_matches_a_central_difference_of_the_unrolled_objective():
+    with jax.enable_x64(True):
+        arch, weights, static, train, val, buffer = tiny_problem(jnp.float64)
+        step = dict(xi=XI, momentum=MOMENTUM, weight_decay=DECAY, buffer=buffer)
+
+        @jax.jit
+        def unrolled(logits):
+            a = eqx.tree_at(lambda t: t.alpha.logits, arch, logits)
+            return _loss(a, virtual_step(weights, a, static, train, **step), static, *val)[0]
+
+        _, exact = jax.jit(lambda a: dx.arch_gradient(a, weights, static, train, val, **step))(arch)
+        exact = np.asarray(exact.alpha.logits).ravel()
+        logits, h = arch.alpha.logits, 1e-4
+        central = np.array(
+            [
+                (unrolled(logits.at[0, i].add(h)) - unrolled(logits.at[0, i].add(-h))) / (2 * h)
+                for i in range(logits.shape[1])
+            ]
+        )
+        assert np.linalg.norm(exact - central) <= 1e-6 * np.linalg.norm(central)
+        # and the second-order term is not negligible here: dropping it is far off
+        _, first = jax.value_and_grad(_loss, has_aux=True)(
+            arch, virtual_step(weights, arch, static, train, **step), static, *val
+        )
+        first = np.asarray(first.alpha.logits).ravel()
+        assert np.linalg.norm(first - exact) > 1e-3 * np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_finite_difference_estimator_agrees_with_the_exact_one(dtype):
+    with jax.enable_x64(dtype == "float64"):
+        arch, weights, static, train, val, buffer = tiny_problem(jnp.dtype(dtype))
+        step = dict(xi=XI, momentum=MOMENTUM, weight_decay=DECAY, buffer=buffer)
+
+        def estimate(estimator):
+            run = jax.jit(lambda a: dx.arch_gradient(a, weights, static, train, val, estimator=estimator, **step))
+            return flat(run(arch)[1])
+
+        a, b = estimate("exact"), estimate("finite_difference")
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+        # closer than that: the second-order term is ~30% of this gradient, so a wrongly scaled
+        # Hessian term (2 xi, or none) would be off by ~0.3
+        assert np.linalg.norm(a - b) < 0.02 * np.linalg.norm(a)
+
+
+def test_virtual_step_is_the_weight_optimisers_own_step():
+    arch, weights, static, train, _, _ = tiny_problem(jnp.float32)
+    config = SearchConfig(space="seed", w_lr=XI, grad_clip=1e6)  # no clipping, as the virtual step
+    w_opt = weight_optimizer(config, 100)
+    opt_state = w_opt.init(weights)
+    grad = eqx.filter_grad(lambda w: _loss(arch, w, static, *train)[0])
+    for _ in range(2):  # two real steps, so that the momentum buffer is not zero
+        updates, opt_state = w_opt.update(grad(weights), opt_state, weights)
+        before, weights = weights, eqx.apply_updates(weights, updates)
+    buffer = momentum_buffer(opt_state)
+    assert buffer is not None and np.abs(flat(buffer)).max() > 0
+    updates, _ = w_opt.update(grad(weights), opt_state, weights)
+    real = eqx.apply_updates(weights, updates)
+    virtual = virtual_step(
+        weights, arch, static, train, xi=XI, momentum=config.w_momentum, weight_decay=config.w_weight_decay,
+        buffer=buffer,
+    )  # fmt: skip
+    np.testing.assert_allclose(flat(virtual), flat(real), rtol=1e-5, atol=1e-7)
+    assert momentum_buffer(optax.sgd(0.1).init(weights)) is None
+    with pytest.raises(ValueError, match=r"estimator \(='newton'\) must be one of"):
+        dx.arch_gradient(arch, weights, static, train, train, xi=0.1, estimator="newton")
+    del before
+
+
+@pytest.mark.parametrize("estimator", ["exact", "finite_difference"])
+def test_second_order_search_runs_in_one_compiled_chunk(estimator):
+    data = dx.data.from_arrays(*tiny_arrays())
+    options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, steps_per_chunk=1, progress=False)
+    first = dx.search(jax.random.key(5), data, **options)
+    second = dx.search(jax.random.key(5), data, order=2, estimator=estimator, **options)  # 3 chunks x 2 epochs
+    assert all(np.isfinite(h["val_loss"]) and np.isfinite(h["a_grad_norm"]) for h in second.history)
+    assert not np.allclose(first.supernet.alpha.logits, second.supernet.alpha.logits, rtol=0, atol=1e-7)
