@@ -1,6 +1,6 @@
 """darts_eqx: Differentiable Architecture Search (Liu, Simonyan, Yang, ICLR 2019) in JAX + Equinox."""
 
-from . import data as data
+from . import data as data, nb201 as nb201
 from ._cell import SearchCell as SearchCell
 from ._checkpoint import CheckpointError as CheckpointError, CheckpointWarning as CheckpointWarning
 from ._data import ImageData as ImageData
@@ -35,7 +35,13 @@ from ._search import (
     search_step as search_step,
 )
 from ._second_order import arch_gradient as arch_gradient, momentum_buffer as momentum_buffer
-from ._spaces import DARTS_SPACE as DARTS_SPACE, SEED_SPACE as SEED_SPACE, SearchSpace as SearchSpace
+from ._spaces import (
+    DARTS_SPACE as DARTS_SPACE,
+    NB201_SPACE as NB201_SPACE,
+    SEED_SPACE as SEED_SPACE,
+    SearchSpace as SearchSpace,
+    register_space as register_space,
+)
 from ._train import (
     TrainConfig as TrainConfig,
     TrainResult as TrainResult,

@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         help="digits (embedded, default), a Hugging Face name such as cifar10, or a path "
         "(.npz, save_to_disk folder, image folder)",
     )
-    s.add_argument("--space", choices=("darts", "seed"), help="search space (default: darts)")
+    s.add_argument(
+        "--space",
+        choices=("darts", "seed", "nb201"),
+        help="search space (default: darts); nb201 is NAS-Bench-201's (--layers: cells per stage, default 5)",
+    )
+    s.add_argument("--nb201-table", help="with --space nb201: a NAS-Bench-201 accuracy CSV to score the result")
     s.add_argument("--epochs", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--channels", type=int, help="initial channels C")
@@ -49,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("exact", "finite_difference"),
         help="second order: differentiate through the virtual step (exact, default) or the paper's finite difference",
     )
+    s.add_argument("--beta-reg", type=float, help="beta-DARTS regularisation strength (ramped from 0; default off)")
+    s.add_argument(
+        "--hessian", action="store_true", default=None, help="record the dominant Hessian eigenvalue per epoch"
+    )
+    s.add_argument("--early-stop-factor", type=float, help="DARTS-ES: stop when the eigenvalue grew by this factor")
+    s.add_argument("--early-stop-window", type=int, help="DARTS-ES window in epochs (default 5)")
     s.add_argument("--seed", type=int, help="PRNG seed (default: 0)")
     s.add_argument("--out", help="run folder (default: a new folder under runs/)")
     s.add_argument(
@@ -119,6 +130,10 @@ _CONFIG_OPTIONS = (
     "partial_channels",
     "order",
     "estimator",
+    "beta_reg",
+    "hessian",
+    "early_stop_factor",
+    "early_stop_window",
 )
 
 
@@ -171,7 +186,14 @@ def _search(args) -> None:
     for name in _CONFIG_OPTIONS:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if options.get("space") == "nb201" and "layers" not in options:
+        options["layers"] = 5  # the benchmark's cells per stage
     config = SearchConfig().replace(**options)
+    if args.nb201_table is not None:
+        if config.space != "nb201":
+            raise ValueError(f"--nb201-table scores NAS-Bench-201 cells: it needs --space nb201, not {config.space!r}")
+        if not os.path.isfile(args.nb201_table):
+            raise ValueError(f"NAS-Bench-201 table {args.nb201_table!r} does not exist")
     out = args.out or _new_run_dir()
     checkpoints = os.path.join(out, "checkpoints")
     if not args.resume and list_checkpoints(checkpoints):
@@ -217,13 +239,26 @@ def _search(args) -> None:
         f"val acc {last['val_acc']:.3f}; wrote {out}/genotype.json, history.json",
         file=sys.stderr,
     )
-    if result.genotype.space == "darts":
-        from ._plot import plot_alphas, plot_cell
+    from ._plot import plot_alphas, plot_cell
+    from ._spaces import get_space
 
+    if result.genotype.space == "darts":
         for which in ("normal", "reduce"):
             plot_cell(result.genotype, which, os.path.join(out, f"{which}.png"))
-        plot_alphas(result.history, os.path.join(out, "alphas.png"))
+    plot_alphas(result.history, os.path.join(out, "alphas.png"), get_space(config.space).op_names)
     print(result.genotype)
+    if result.stopped_at is not None:
+        print(
+            f"DARTS-ES stopped the search after epoch {result.stopped_at}; genotype from epoch "
+            f"{result.stopped_at - config.early_stop_window}",
+            file=sys.stderr,
+        )
+    if args.nb201_table is not None:
+        from .nb201 import lookup
+
+        scores = lookup(result.genotype, args.nb201_table)
+        atomic_write_text(os.path.join(out, "nb201.json"), json.dumps({"arch": str(result.genotype), **scores}))
+        print("NAS-Bench-201: " + ", ".join(f"{k} {v:.2f}%" for k, v in scores.items()))
 
 
 def read_genotype(source: str):

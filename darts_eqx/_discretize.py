@@ -70,8 +70,9 @@ class DiscreteSeedNetwork(eqx.Module):
         return classify(self.classifier, h)
 
 
-def derive_genotype(model: SearchNetwork | SeedNetwork) -> Genotype:
-    """The genotype a supernet's alpha selects (the paper's rule; see `derive_cell`)."""
+def derive_genotype(model):
+    """The genotype a supernet's alpha selects (the paper's rule; see `derive_cell`; for
+    NAS-Bench-201 the strongest op of each edge)."""
     if isinstance(model, SearchNetwork):
         steps, multiplier = model.cells[0].steps, model.cells[0].multiplier
         concat = tuple(range(2 + steps - multiplier, 2 + steps))
@@ -83,8 +84,13 @@ def derive_genotype(model: SearchNetwork | SeedNetwork) -> Genotype:
         weights = np.asarray(model.alpha.weights()[0])
         if not np.all(np.isfinite(weights)):
             raise ValueError("cannot derive a genotype from non-finite alpha")
-        return Genotype(((model.op_names[int(np.argmax(weights))], 0),), (1,), (), (), space="seed")
-    raise TypeError(f"derive_genotype expects a SearchNetwork or SeedNetwork, got {type(model).__name__}")
+        strongest = [i for i in np.argsort(-weights) if model.op_names[i] != "none"][0]
+        return Genotype(((model.op_names[int(strongest)], 0),), (1,), (), (), space=model.space_name)
+    from .nb201 import NB201Network, derive_nb201_genotype
+
+    if isinstance(model, NB201Network):
+        return derive_nb201_genotype(model)
+    raise TypeError(f"derive_genotype expects a SearchNetwork, SeedNetwork or NB201Network, got {type(model).__name__}")
 
 
 def _discretize_cell(cell, gene, concat) -> DiscreteCell:
@@ -130,8 +136,8 @@ def discretize(model: SearchNetwork | SeedNetwork, genotype: Genotype | None = N
         )
         return DiscreteNetwork(model.stem, cells, model.classifier, genotype)
     if isinstance(model, SeedNetwork):
-        if genotype.space != "seed":
-            raise ValueError(f"a seed supernet cannot take a {genotype.space!r}-space genotype")
+        if genotype.space != model.space_name:
+            raise ValueError(f"a {model.space_name!r} supernet cannot take a {genotype.space!r}-space genotype")
         index = model.op_names.index(genotype.normal[0][0])
         return DiscreteSeedNetwork(model.stem, tuple(m.ops[index] for m in model.mixed), model.classifier, genotype)
     raise TypeError(f"discretize expects a SearchNetwork or SeedNetwork, got {type(model).__name__}")

@@ -10,7 +10,7 @@ from ._cell import SearchCell, num_edges
 from ._fused import FusedCell
 from ._mixed import ArchLogits, EdgeLogits, MixedOp
 from ._ops import BatchNorm, Conv2d, Images, Output
-from ._spaces import DARTS_SPACE, SEED_SPACE
+from ._spaces import DARTS_SPACE, SEED_SPACE, SearchSpace
 
 Logits = Float[Array, "batch classes"]
 
@@ -160,15 +160,17 @@ class SearchNetwork(eqx.Module):
 
 
 class SeedNetwork(eqx.Module):
-    """The smallest composable example: stem, then `layers` mixed ops over the `seed` space
-    (identity, ReLU-conv-BN 3x3 and 5x5, average and max pool) all sharing one alpha [1, 5],
-    then global pool and linear."""
+    """The smallest composable example: stem, then `layers` mixed ops over a space (default the
+    `seed` space: identity, ReLU-conv-BN 3x3 and 5x5, average and max pool; or any registered
+    `SearchSpace` of stride-1, width-keeping ops) all sharing one alpha [1, ops], then global pool
+    and linear."""
 
     stem: Stem
     mixed: tuple[MixedOp, ...]
     classifier: eqx.nn.Linear
     alpha: ArchLogits
     op_names: tuple[str, ...] = eqx.field(static=True)
+    space_name: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -178,14 +180,16 @@ class SeedNetwork(eqx.Module):
         in_channels: int = 3,
         *,
         key: PRNGKeyArray,
+        space: SearchSpace = SEED_SPACE,
     ):
         _check_sizes(channels, layers, in_channels, num_classes)
         k_stem, k_mixed, k_cls, k_alpha = jax.random.split(key, 4)
         self.stem = Stem(in_channels, channels, key=k_stem)
-        self.mixed = tuple(MixedOp(SEED_SPACE, channels, 1, key=k) for k in jax.random.split(k_mixed, layers))
+        self.mixed = tuple(MixedOp(space, channels, 1, key=k) for k in jax.random.split(k_mixed, layers))
         self.classifier = eqx.nn.Linear(channels, num_classes, key=k_cls)
-        self.alpha = ArchLogits.init(1, len(SEED_SPACE.op_names), key=k_alpha)
-        self.op_names = SEED_SPACE.op_names
+        self.alpha = ArchLogits.init(1, len(space.op_names), key=k_alpha)
+        self.op_names = space.op_names
+        self.space_name = space.name
 
     def __call__(self, x: Images) -> Logits:
         h = self.stem(x)

@@ -29,11 +29,13 @@ from ._checkpoint import CheckpointError, CheckpointWarning
 from ._data import load
 from ._discretize import derive_genotype, discretize
 from ._genotype import Genotype
+from ._guards import beta_regularizer, grew, hessian_eigenvalue, ramp
 from ._mixed import combine_arch, split_arch
 from ._network import SearchNetwork, SeedNetwork, reduction_layers
 from ._second_order import ESTIMATORS, arch_gradient, momentum_buffer
 from ._spaces import get_space
 from ._version import __version__
+from .nb201 import NB201Genotype
 
 
 class SearchDiverged(FloatingPointError):
@@ -58,6 +60,14 @@ class SearchConfig:
       with `estimator` `exact` (differentiated through the virtual weight step) or
       `finite_difference` (the paper's Eq. 8); `xi` is the virtual step size (None: the current
       weight lr, as the paper). With order 2 the recorded val loss/acc are at the unrolled weights.
+    - `beta_reg`: beta-DARTS regularisation (Ye et al., 2022): lambda * mean over edges of
+      logsumexp(alpha) added to the validation loss, lambda ramped linearly from 0 to `beta_reg`
+      over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS).
+    - `hessian`: record the dominant eigenvalue of the Hessian of the validation loss in alpha
+      after each epoch (`hessian_eigenvalue` in the history; `hessian_iterations` power steps on
+      a fixed validation batch). `early_stop_factor` (DARTS-ES; e.g. 1/0.75): stop when it grew by
+      more than that factor over `early_stop_window` epochs, with the genotype of the window's
+      first epoch (implies `hessian`).
     - `partial_channels`: k > 1 searches PC-DARTS' partial channel connections with edge
       normalisation (Xu et al., ICLR 2020; k=4 there) in the DARTS space; it must divide
       `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
@@ -83,6 +93,11 @@ class SearchConfig:
     estimator: str = "exact"
     xi: float | None = None
     partial_channels: int = 1
+    beta_reg: float = 0.0
+    hessian: bool = False
+    hessian_iterations: int = 20
+    early_stop_factor: float | None = None
+    early_stop_window: int = 5
 
     def __post_init__(self):
         get_space(self.space)
@@ -100,6 +115,22 @@ class SearchConfig:
         for name in ("w_lr_min", "w_weight_decay", "a_weight_decay", "grad_clip", "w_momentum"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be non-negative")
+        if not self.beta_reg >= 0:
+            raise ValueError(f"`beta_reg` (={self.beta_reg!r}) must be non-negative")
+        if (
+            isinstance(self.hessian_iterations, bool)
+            or not isinstance(self.hessian_iterations, int)
+            or (self.hessian_iterations < 1)
+        ):
+            raise ValueError(f"`hessian_iterations` (={self.hessian_iterations!r}) must be a positive integer")
+        if self.early_stop_factor is not None and not self.early_stop_factor > 1:
+            raise ValueError(f"`early_stop_factor` (={self.early_stop_factor!r}) must be above 1, or None")
+        if (
+            isinstance(self.early_stop_window, bool)
+            or not isinstance(self.early_stop_window, int)
+            or (self.early_stop_window < 1)
+        ):
+            raise ValueError(f"`early_stop_window` (={self.early_stop_window!r}) must be a positive integer")
         if isinstance(self.partial_channels, bool) or not isinstance(self.partial_channels, int):
             raise ValueError(f"`partial_channels` (={self.partial_channels!r}) must be a positive integer")
         if self.partial_channels != 1:
@@ -151,36 +182,40 @@ class StepMetrics(NamedTuple):
 @dataclass(frozen=True)
 class SearchResult:
     """What `search` returns: the derived genotype, the trained supernet, the discretised network
-    (`discretize(supernet, genotype)`; None for a partial-channel search), the per-epoch history
-    (deterministic: no wall-clock times), the config used, and the wall-clock seconds of each
-    epoch run in this call."""
+    (`discretize(supernet, genotype)`; None for a partial-channel or NB201 search), the per-epoch history
+    (deterministic: no wall-clock times), the config used, the wall-clock seconds of each epoch
+    run in this call, and the epoch at which DARTS-ES stopped the search (None if it did not)."""
 
-    genotype: Genotype
+    genotype: Genotype | NB201Genotype
     supernet: Any
     network: Any
     history: list[dict]
     config: SearchConfig
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)
+    stopped_at: int | None = None
 
 
 def build_supernet(config: SearchConfig, image_shape, num_classes: int, *, key: PRNGKeyArray):
-    """The supernet of `config.space` for images of `image_shape` (height, width, channels)."""
+    """The supernet of `config.space` for images of `image_shape` (height, width, channels):
+    the DARTS network, the NAS-Bench-201 network (`layers` = cells per stage), or for any other
+    space a `SeedNetwork` of `layers` mixed ops over it."""
     height, width, in_channels = image_shape
+    reductions = {"darts": len(reduction_layers(config.layers)), "nb201": 2}.get(config.space, 0)
+    factor = 2**reductions
+    if height % factor or width % factor:
+        raise ValueError(
+            f"images of {height}x{width} cannot pass {reductions} reduction cells: height and width must be "
+            f"divisible by {factor}"
+        )
     if config.space == "darts":
-        factor = 2 ** len(reduction_layers(config.layers))
-        if height % factor or width % factor:
-            raise ValueError(
-                f"images of {height}x{width} cannot pass {len(reduction_layers(config.layers))} "
-                f"reduction cells: height and width must be divisible by {factor}"
-            )
-        network = SearchNetwork
-    else:
-        network = SeedNetwork
-    if config.space == "darts":
-        return network(
+        return SearchNetwork(
             config.channels, config.layers, num_classes, in_channels, partial_channels=config.partial_channels, key=key
         )
-    return network(config.channels, config.layers, num_classes, in_channels, key=key)
+    if config.space == "nb201":
+        from .nb201 import NB201Network
+
+        return NB201Network(config.channels, config.layers, num_classes, in_channels, key=key)
+    return SeedNetwork(config.channels, config.layers, num_classes, in_channels, space=get_space(config.space), key=key)
 
 
 def cosine_lr(lr: float, lr_min: float, epochs: int, epoch):
@@ -237,16 +272,20 @@ def _weight_loss(weights, arch, static, x, y):
     return loss_and_accuracy(combine_arch(arch, weights, static), x, y)
 
 
-def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch, arch_grad=None):
+def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch, arch_grad=None, arch_reg=None):
     """One DARTS step: alpha on `val_batch`, then weights on `train_batch`. First order unless
     `arch_grad(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` is given
-    (see `second_order_gradient`)."""
+    (see `second_order_gradient`); `arch_reg(arch, step)`, a regulariser of alpha alone, is added
+    to the validation loss (its gradient to alpha's)."""
     if arch_grad is None:
         (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(_arch_loss, has_aux=True)(
             state.arch, state.weights, static, *val_batch
         )
     else:
         (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
+    if arch_reg is not None:
+        reg_grads = jax.grad(arch_reg)(state.arch, state.step)
+        a_grads = jax.tree.map(lambda g, r: g + r, a_grads, reg_grads)
     a_updates, a_opt_state = a_opt.update(a_grads, state.a_opt_state, state.arch)
     arch = eqx.apply_updates(state.arch, a_updates)
     (train_loss, train_acc), w_grads = eqx.filter_value_and_grad(_weight_loss, has_aux=True)(
@@ -281,7 +320,7 @@ def second_order_gradient(config: SearchConfig, steps_per_epoch: int):
     return arch_grad
 
 
-def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None):
+def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`. The
     data stays on device and only indices change per call, so nothing recompiles; the state's
@@ -299,7 +338,7 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None):
             it, iv = idx
             train = constrain(images[it]), constrain(labels[it])
             val = constrain(images[iv]), constrain(labels[iv])
-            return search_step(state, static, w_opt, a_opt, train, val, arch_grad)
+            return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg)
 
         return lax.scan(body, state, (train_idx, val_idx))
 
@@ -529,7 +568,25 @@ def search(
         state = _parallel.replicate(state, mesh)
         device_data = _parallel.replicate((data.x_train, data.y_train), mesh)
     arch_grad = second_order_gradient(config, steps_per_epoch) if config.order == 2 else None
-    chunk = make_chunk_fn(static, w_opt, a_opt, mesh, arch_grad)
+    arch_reg = None
+    if config.beta_reg > 0:
+
+        def arch_reg(arch, step):
+            return ramp(config.beta_reg, step // steps_per_epoch, config.epochs) * beta_regularizer(arch)
+
+    chunk = make_chunk_fn(static, w_opt, a_opt, mesh, arch_grad, arch_reg)
+    track_hessian = config.hessian or config.early_stop_factor is not None
+    if track_hessian:
+        # a fixed validation batch, so that the eigenvalues of different epochs compare
+        fixed = val_pool[: config.batch_size]
+        hessian_batch = (device_data[0][fixed], device_data[1][fixed])
+
+        @eqx.filter_jit
+        def eigenvalue(arch, weights, x, y, key):
+            loss = lambda a: _arch_loss(a, weights, static, x, y)[0]  # noqa: E731
+            return hessian_eigenvalue(loss, arch, key=key, iterations=config.hessian_iterations)
+
+    stopped_at = None
     used = steps_per_epoch * config.batch_size
     epoch_seconds = []
     unsaved_steps = 0
@@ -565,6 +622,11 @@ def search(
                 "lr": float(epoch_lr(config, epoch)),
                 **{k: v.tolist() for k, v in arch_weights(supernet).items()},
             }
+            if track_hessian:
+                key_eig = jax.random.fold_in(jax.random.fold_in(key_split, 2), epoch)  # key_state is donated
+                record["hessian_eigenvalue"] = float(
+                    _parallel.fetch(eigenvalue(state.arch, state.weights, *hessian_batch, key_eig))
+                )
             history.append(record)
             epoch_seconds.append(time.perf_counter() - start)
             if checkpoint_dir:
@@ -572,14 +634,32 @@ def search(
             bar.set_postfix(epoch=epoch + 1, train_acc=f"{record['train_acc']:.3f}", val_acc=f"{record['val_acc']:.3f}")
             if callback is not None:
                 callback(list(history), supernet)
+            if config.early_stop_factor is not None:
+                eigenvalues = [h["hessian_eigenvalue"] for h in history]
+                if grew(eigenvalues, config.early_stop_factor, config.early_stop_window):
+                    stopped_at = epoch + 1
+                    break
     finally:
         bar.close()
     if mesh is not None:  # hand back ordinary single-device arrays
         state = _unsaved(jax.tree.map(lambda x: jnp.asarray(_parallel.fetch(x)), _saved(state)), key_impl)
     supernet = combine_arch(state.arch, state.weights, static)
-    genotype = derive_genotype(supernet)
-    network = discretize(supernet, genotype) if config.partial_channels == 1 else None
-    return SearchResult(genotype, supernet, network, history, config, epoch_seconds)
+    if stopped_at is None:
+        genotype = derive_genotype(supernet)
+    else:  # DARTS-ES: the architecture from before the eigenvalue grew
+        genotype = derive_genotype(_with_recorded_alpha(supernet, history[stopped_at - 1 - config.early_stop_window]))
+    # A partial-channel supernet's weights fit 1/k-wide ops only; NB201 is scored by lookup.
+    network = discretize(supernet, genotype) if config.partial_channels == 1 and config.space != "nb201" else None
+    return SearchResult(genotype, supernet, network, history, config, epoch_seconds, stopped_at)
+
+
+def _with_recorded_alpha(supernet, record: dict):
+    """`supernet` with the alpha (and beta) whose softmax a history record holds."""
+    for name in ("alpha", "alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"):
+        if name in record:
+            logits = jnp.log(jnp.asarray(record[name], jnp.float32))
+            supernet = eqx.tree_at(lambda m, name=name: getattr(m, name).logits, supernet, logits)
+    return supernet
 
 
 @eqx.filter_jit

@@ -106,11 +106,37 @@ SEED_SPACE = SearchSpace(
     constructors=(_skip, _conv(3), _conv(5), _pool("avg"), _pool("max")),
 )
 
-SPACES = {space.name: space for space in (DARTS_SPACE, SEED_SPACE)}
+# NAS-Bench-201's ops (Dong & Yang, ICLR 2020); the cell and network are in `darts_eqx.nb201`.
+NB201_SPACE = SearchSpace(
+    name="nb201",
+    op_names=("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"),
+    constructors=(
+        lambda c, s, affine, key: Zero(s),
+        _skip,
+        _conv(1),
+        _conv(3),
+        lambda c, s, affine, key: Pool("avg", c, s, with_norm=False),  # NB201 has no BN after pooling
+    ),
+)
+
+SPACES = {space.name: space for space in (DARTS_SPACE, SEED_SPACE, NB201_SPACE)}
+
+
+def register_space(space: SearchSpace) -> SearchSpace:
+    """Make a custom `space` usable by name (`search(space=name)`, genotypes of that space): the
+    search then runs a `SeedNetwork` of mixed ops over its ops, which must map an NHWC batch to
+    one of the same shape at stride 1. Registering another space under a taken name is an error."""
+    if not isinstance(space, SearchSpace):
+        raise ValueError(f"register_space expects a SearchSpace, got {type(space).__name__}")
+    existing = SPACES.get(space.name)
+    if existing is not None and existing is not space:
+        raise ValueError(f"a different search space is already registered as {space.name!r}")
+    SPACES[space.name] = space
+    return space
 
 
 def get_space(name: str) -> SearchSpace:
-    """The built-in search space called `name` (`darts` or `seed`)."""
+    """The search space called `name`: `darts`, `seed`, `nb201` or one given to `register_space`."""
     try:
         return SPACES[name]
     except KeyError:

@@ -1,0 +1,92 @@
+"""Collapse guards: beta-DARTS regularisation, the Hessian eigenvalue diagnostic against a dense
+Hessian, and DARTS-ES early stopping."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_arrays
+
+import darts_eqx as dx
+from darts_eqx._guards import beta_regularizer, grew, hessian_eigenvalue, ramp
+from darts_eqx._search import SearchConfig, _with_recorded_alpha, build_supernet
+from darts_eqx._second_order import _loss
+
+
+def test_beta_regularizer_is_the_mean_logsumexp_over_all_edges(getkey):
+    model = dx.SearchNetwork(4, 2, 3, 1, key=getkey())
+    model = eqx.tree_at(lambda m: m.alpha_normal.logits, model, jax.random.normal(getkey(), (14, 8)))
+    arch, _, _ = dx.split_arch(model)
+    rows = [
+        np.log(np.exp(np.asarray(a.logits, np.float64)).sum(axis=1)) for a in (model.alpha_normal, model.alpha_reduce)
+    ]
+    assert float(beta_regularizer(arch)) == pytest.approx(np.concatenate(rows).mean(), rel=1e-5)
+    assert [ramp(2.0, e, 5) for e in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_power_iteration_finds_the_dominant_hessian_eigenvalue():
+    with jax.enable_x64(True):
+        config = SearchConfig(space="seed", channels=3, layers=1)
+        model = build_supernet(config, (6, 6, 1), 3, key=jax.random.key(0))
+        model = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model)
+        model = eqx.tree_at(lambda m: m.alpha.logits, model, jnp.asarray([[0.3, -0.2, 0.5, 0.1, -0.4]]))
+        arch, weights, static = dx.split_arch(model)
+        x, y = tiny_arrays(n=8, size=6)
+        batch = jnp.asarray(x, jnp.float64), jnp.asarray(y)
+
+        def loss_of_logits(logits):
+            return _loss(eqx.tree_at(lambda a: a.alpha.logits, arch, logits), weights, static, *batch)[0]
+
+        dense = jax.jacrev(jax.jacrev(loss_of_logits))(arch.alpha.logits).reshape(5, 5)
+        eigenvalues = np.linalg.eigvalsh(np.asarray(dense))
+        dominant = eigenvalues[np.argmax(np.abs(eigenvalues))]
+        found = jax.jit(
+            lambda a: hessian_eigenvalue(
+                lambda a: _loss(a, weights, static, *batch)[0], a, key=jax.random.key(1), iterations=200
+            )  # fmt: skip
+        )(arch)
+        assert float(found) == pytest.approx(dominant, rel=1e-4)
+
+
+def test_darts_es_rule_and_the_recorded_architecture(getkey):
+    assert not grew([1.0, 1.2, 1.3], 1.5, 2)
+    assert grew([1.0, 1.2, 1.6], 1.5, 2)
+    assert not grew([1.0, 9.0], 1.5, 2)  # not a full window yet
+    model = dx.SearchNetwork(4, 2, 3, 1, key=getkey())
+    record = {
+        "alpha_normal": np.eye(14, 8)[:, ::-1].clip(0.01, None).tolist(),
+        "alpha_reduce": np.full((14, 8), 1 / 8).tolist(),
+    }
+    restored = _with_recorded_alpha(model, record)
+    normal = np.asarray(record["alpha_normal"])
+    np.testing.assert_allclose(restored.alpha_normal.weights(), normal / normal.sum(axis=1, keepdims=True), rtol=1e-5)
+    assert dx.derive_genotype(restored).normal[0][0] == dx.DARTS_SPACE.op_names[7]  # the recorded favourite
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    data = dx.data.from_arrays(*tiny_arrays(n=128))
+    options = dict(space="seed", channels=4, layers=1, epochs=4, batch_size=16, progress=False)
+    plain = dx.search(jax.random.key(2), data, **options)
+    regularised = dx.search(jax.random.key(2), data, beta_reg=20.0, **options)
+    watched = dx.search(jax.random.key(2), data, hessian=True, early_stop_factor=1.0001, early_stop_window=1, **options)
+    return plain, regularised, watched
+
+
+def test_beta_regularisation_lowers_and_evens_the_logits(guarded):
+    plain, regularised, _ = guarded
+    assert float(jnp.mean(regularised.supernet.alpha.logits)) < float(jnp.mean(plain.supernet.alpha.logits)) - 1e-3
+
+
+def test_hessian_eigenvalue_is_recorded_and_early_stop_keeps_the_earlier_genotype(guarded):
+    plain, _, watched = guarded
+    eigenvalues = [h["hessian_eigenvalue"] for h in watched.history]
+    assert all(np.isfinite(eigenvalues)) and "hessian_eigenvalue" not in plain.history[0]
+    if watched.stopped_at is None:  # it never grew: the full search ran
+        assert len(watched.history) == 4
+    else:
+        assert watched.stopped_at == len(watched.history) >= 2
+        assert eigenvalues[-1] > 1.0001 * eigenvalues[-2]
+        earlier = _with_recorded_alpha(watched.supernet, watched.history[watched.stopped_at - 2])
+        assert watched.genotype == dx.derive_genotype(earlier)
