@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         help="second order: differentiate through the virtual step (exact, default) or the paper's finite difference",
     )
     s.add_argument("--beta-reg", type=float, help="beta-DARTS regularisation strength (ramped from 0; default off)")
+    s.add_argument("--aux-skip", type=float, help="DARTS-: auxiliary skip weight, decaying to 0 (paper: 1)")
     s.add_argument(
         "--hessian", action="store_true", default=None, help="record the dominant Hessian eigenvalue per epoch"
     )
@@ -131,6 +132,7 @@ _CONFIG_OPTIONS = (
     "order",
     "estimator",
     "beta_reg",
+    "aux_skip",
     "hessian",
     "early_stop_factor",
     "early_stop_window",

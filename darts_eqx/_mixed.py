@@ -49,9 +49,20 @@ class EdgeLogits(eqx.Module):
         return EdgeLogits(scale * jax.random.normal(key, (sum(2 + j for j in range(steps)),)), steps)
 
 
+class AuxSkipLogits(eqx.Module):
+    """alpha as the forward pass sees it under DARTS-'s auxiliary skip: softmax(alpha) plus a
+    constant offset per op (only ever built inside a step, never trained itself)."""
+
+    logits: Float[Array, "edges ops"]
+    offset: Float[Array, " ops"]
+
+    def weights(self) -> Float[Array, "edges ops"]:
+        return jax.nn.softmax(self.logits, axis=-1) + self.offset[None, :]
+
+
 def is_arch(node) -> bool:
     """True for the architecture leaves (`ArchLogits`, and `EdgeLogits` with partial channels)."""
-    return isinstance(node, (ArchLogits, EdgeLogits))
+    return isinstance(node, (ArchLogits, EdgeLogits, AuxSkipLogits))
 
 
 def split_arch(model):

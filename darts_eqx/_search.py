@@ -29,7 +29,7 @@ from ._checkpoint import CheckpointError, CheckpointWarning
 from ._data import load
 from ._discretize import derive_genotype, discretize
 from ._genotype import Genotype
-from ._guards import beta_regularizer, grew, hessian_eigenvalue, ramp
+from ._guards import aux_skip_view, beta_regularizer, grew, hessian_eigenvalue, ramp
 from ._mixed import combine_arch, split_arch
 from ._network import SearchNetwork, SeedNetwork, reduction_layers
 from ._second_order import ESTIMATORS, arch_gradient, momentum_buffer
@@ -63,6 +63,9 @@ class SearchConfig:
     - `beta_reg`: beta-DARTS regularisation (Ye et al., 2022): lambda * mean over edges of
       logsumexp(alpha) added to the validation loss, lambda ramped linearly from 0 to `beta_reg`
       over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS).
+    - `aux_skip`: DARTS-'s auxiliary skip (Chu et al., 2021): the forward pass adds beta times an
+      identity to every edge, beta decaying linearly from `aux_skip` (the paper: 1) to 0 at the last
+      epoch; first order only (0: off).
     - `hessian`: record the dominant eigenvalue of the Hessian of the validation loss in alpha
       after each epoch (`hessian_eigenvalue` in the history; `hessian_iterations` power steps on
       a fixed validation batch). `early_stop_factor` (DARTS-ES; e.g. 1/0.75): stop when it grew by
@@ -94,6 +97,7 @@ class SearchConfig:
     xi: float | None = None
     partial_channels: int = 1
     beta_reg: float = 0.0
+    aux_skip: float = 0.0
     hessian: bool = False
     hessian_iterations: int = 20
     early_stop_factor: float | None = None
@@ -117,6 +121,10 @@ class SearchConfig:
                 raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be non-negative")
         if not self.beta_reg >= 0:
             raise ValueError(f"`beta_reg` (={self.beta_reg!r}) must be non-negative")
+        if not self.aux_skip >= 0:
+            raise ValueError(f"`aux_skip` (={self.aux_skip!r}) must be non-negative")
+        if self.aux_skip and self.order != 1:
+            raise ValueError(f"`aux_skip` (={self.aux_skip!r}) is implemented for first-order search (order=1)")
         if (
             isinstance(self.hessian_iterations, bool)
             or not isinstance(self.hessian_iterations, int)
@@ -215,7 +223,27 @@ def build_supernet(config: SearchConfig, image_shape, num_classes: int, *, key: 
         from .nb201 import NB201Network
 
         return NB201Network(config.channels, config.layers, num_classes, in_channels, key=key)
-    return SeedNetwork(config.channels, config.layers, num_classes, in_channels, space=get_space(config.space), key=key)
+    model = SeedNetwork(
+        config.channels, config.layers, num_classes, in_channels, space=get_space(config.space), key=key
+    )
+    _check_op_shapes(model, height, width)
+    return model
+
+
+def _check_op_shapes(model: SeedNetwork, height: int, width: int) -> None:
+    """Every op of a (custom) space must keep an NHWC batch's shape: checked abstractly, before
+    anything is compiled, naming the op that does not."""
+    x = jax.ShapeDtypeStruct((2, height, width, model.stem.norm.weight.shape[0]), jnp.float32)
+    for name, op in zip(model.op_names, model.mixed[0].ops):
+        try:
+            out = eqx.filter_eval_shape(op, x)
+        except Exception as e:  # a user's op may fail in any way: name it
+            raise ValueError(f"op {name!r} of space {model.space_name!r} fails on a {x.shape} batch: {e}") from None
+        if getattr(out, "shape", None) != x.shape:
+            raise ValueError(
+                f"op {name!r} of space {model.space_name!r} maps a {x.shape} batch to "
+                f"{getattr(out, 'shape', type(out).__name__)}: ops must keep the shape at stride 1"
+            )
 
 
 def cosine_lr(lr: float, lr_min: float, epochs: int, epoch):
@@ -272,15 +300,22 @@ def _weight_loss(weights, arch, static, x, y):
     return loss_and_accuracy(combine_arch(arch, weights, static), x, y)
 
 
-def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch, arch_grad=None, arch_reg=None):
+def search_step(
+    state: SearchState, static, w_opt, a_opt, train_batch, val_batch, arch_grad=None, arch_reg=None, arch_view=None
+):
     """One DARTS step: alpha on `val_batch`, then weights on `train_batch`. First order unless
     `arch_grad(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` is given
     (see `second_order_gradient`); `arch_reg(arch, step)`, a regulariser of alpha alone, is added
-    to the validation loss (its gradient to alpha's)."""
+    to the validation loss (its gradient to alpha's); `arch_view(arch, step)` is alpha as both
+    forward passes see it (DARTS-'s auxiliary skip)."""
+
+    def view(arch):
+        return arch if arch_view is None else arch_view(arch, state.step)
+
     if arch_grad is None:
-        (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(_arch_loss, has_aux=True)(
-            state.arch, state.weights, static, *val_batch
-        )
+        (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(
+            lambda a, *rest: _arch_loss(view(a), *rest), has_aux=True
+        )(state.arch, state.weights, static, *val_batch)
     else:
         (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
     if arch_reg is not None:
@@ -289,7 +324,7 @@ def search_step(state: SearchState, static, w_opt, a_opt, train_batch, val_batch
     a_updates, a_opt_state = a_opt.update(a_grads, state.a_opt_state, state.arch)
     arch = eqx.apply_updates(state.arch, a_updates)
     (train_loss, train_acc), w_grads = eqx.filter_value_and_grad(_weight_loss, has_aux=True)(
-        state.weights, arch, static, *train_batch
+        state.weights, view(arch), static, *train_batch
     )
     w_updates, w_opt_state = w_opt.update(w_grads, state.w_opt_state, state.weights)
     weights = eqx.apply_updates(state.weights, w_updates)
@@ -320,7 +355,7 @@ def second_order_gradient(config: SearchConfig, steps_per_epoch: int):
     return arch_grad
 
 
-def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None):
+def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None, arch_view=None):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`. The
     data stays on device and only indices change per call, so nothing recompiles; the state's
@@ -338,7 +373,7 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None
             it, iv = idx
             train = constrain(images[it]), constrain(labels[it])
             val = constrain(images[iv]), constrain(labels[iv])
-            return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg)
+            return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view)
 
         return lax.scan(body, state, (train_idx, val_idx))
 
@@ -574,7 +609,10 @@ def search(
         def arch_reg(arch, step):
             return ramp(config.beta_reg, step // steps_per_epoch, config.epochs) * beta_regularizer(arch)
 
-    chunk = make_chunk_fn(static, w_opt, a_opt, mesh, arch_grad, arch_reg)
+    arch_view = None
+    if config.aux_skip > 0:
+        arch_view = aux_skip_view(get_space(config.space).op_names, config.aux_skip, config.epochs, steps_per_epoch)
+    chunk = make_chunk_fn(static, w_opt, a_opt, mesh, arch_grad, arch_reg, arch_view)
     track_hessian = config.hessian or config.early_stop_factor is not None
     if track_hessian:
         # a fixed validation batch, so that the eigenvalues of different epochs compare

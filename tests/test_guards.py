@@ -90,3 +90,33 @@ def test_hessian_eigenvalue_is_recorded_and_early_stop_keeps_the_earlier_genotyp
         assert eigenvalues[-1] > 1.0001 * eigenvalues[-2]
         earlier = _with_recorded_alpha(watched.supernet, watched.history[watched.stopped_at - 2])
         assert watched.genotype == dx.derive_genotype(earlier)
+
+
+def test_darts_minus_sees_an_extra_decaying_identity(getkey):
+    from darts_eqx._guards import aux_skip_view
+
+    model = dx.SeedNetwork(4, 1, 3, 1, key=getkey())
+    arch, _, _ = dx.split_arch(model)
+    view = aux_skip_view(dx.SEED_SPACE.op_names, 1.0, epochs=3, steps_per_epoch=10)
+    base = np.asarray(model.alpha.weights())
+    skip = dx.SEED_SPACE.op_names.index("skip_connect")
+    for step, beta in ((0, 1.0), (15, 0.5), (29, 0.0)):
+        seen = np.asarray(view(arch, jnp.int32(step)).alpha.weights())
+        expected = base.copy()
+        expected[:, skip] += beta
+        np.testing.assert_allclose(seen, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="aux_skip needs a skip_connect op"):
+        aux_skip_view(("conv_3x3",), 1.0, 3, 10)
+    with pytest.raises(ValueError, match=r"`aux_skip` \(=1.0\) is implemented for first-order"):
+        SearchConfig(aux_skip=1.0, order=2)
+
+
+def test_darts_minus_search_trains_alpha_through_the_extra_skip(guarded):
+    plain = guarded[0]
+    data = dx.data.from_arrays(*tiny_arrays(n=128))
+    minus = dx.search(
+        jax.random.key(2), data, space="seed", channels=4, layers=1, epochs=4, batch_size=16, aux_skip=1.0,
+        progress=False,
+    )  # fmt: skip
+    assert not np.allclose(minus.supernet.alpha.logits, plain.supernet.alpha.logits, atol=1e-6)
+    assert minus.genotype == dx.derive_genotype(minus.supernet)  # from alpha alone, not the extra skip

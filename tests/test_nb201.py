@@ -137,3 +137,25 @@ def test_a_custom_space_searches_with_the_same_machinery(getkey):
     assert np.asarray(result.supernet.alpha.logits).shape == (1, 3)
     x = jnp.asarray(tiny_arrays(n=8)[0])
     np.testing.assert_allclose(result.network(x), dx.discretize(result.supernet)(x), rtol=1e-6)
+
+
+class Widen(eqx.Module):
+    def __call__(self, x):
+        return jnp.concatenate([x, x], axis=-1)
+
+
+def test_a_custom_op_that_changes_the_shape_is_named_before_compiling():
+    dx.register_space(
+        dx.SearchSpace(
+            "widening",
+            ("skip_connect", "widen"),
+            (
+                lambda c, s, affine, key: dx.SEED_SPACE.make_op("skip_connect", c, s, affine, key=key),
+                lambda c, s, affine, key: Widen(),
+            ),
+        )
+    )
+    with pytest.raises(
+        ValueError, match=r"op 'widen' of space 'widening' maps a \(2, 8, 8, 4\) batch to \(2, 8, 8, 8\)"
+    ):
+        dx.search(jax.random.key(0), tiny_arrays(n=64), space="widening", channels=4, layers=1, epochs=1, batch_size=16)
