@@ -110,7 +110,7 @@ def main():
         for key in ("cifar10", "cifar100", "imagenet16-120"):
             values = np.array([r[key] for r in mine if key in r])
             cols.append(f"{values.mean():.2f} ± {values.std():.2f}" if len(values) else "-")
-        archs = ", ".join(f"`{r['arch']}`" for r in mine)
+        archs = ", ".join(r["arch"].replace("|", "\\|") for r in mine)  # a bare | would split the table cell
         lines.append(f"| {method} | {' | '.join(cols)} | {PUBLISHED[method]:.2f} | {archs} |")
     lines += ["", f"Optimum of the table on CIFAR-10: {OPTIMUM}.", "", "## Dominant Hessian eigenvalue per epoch", ""]
     for r in runs:
