@@ -267,6 +267,11 @@ class EvalNetwork(eqx.Module):
     ):
         if genotype.space != "darts":
             raise ValueError(f"an evaluation network needs a darts-space genotype, got space {genotype.space!r}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or len(set(reduction_layers(layers))) < 2:
+            raise ValueError(
+                f"layers (={layers!r}) must be an integer >= 2: the two reduction cells sit at layers//3 "
+                "and 2*layers//3, which must differ"
+            )
         k_stem, k_cells, k_aux, k_w, k_b = jax.random.split(key, 5)
         c_curr = 3 * channels
         self.stem = _uniform(k_stem, (3, 3, in_channels, c_curr), in_channels * 9)

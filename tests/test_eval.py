@@ -174,3 +174,34 @@ def test_training_bad_input_is_clear():
         dx.train(jax.random.key(0), V2, "digits", colour="red")
     with pytest.raises(ValueError, match="darts-space genotype"):
         dx.make_eval_network(dx.Genotype((("conv_3x3", 0),), (1,), (), (), "seed"), 4, 3, 2, key=jax.random.key(0))
+
+
+def test_drop_path_and_auxiliary_head_act_in_training_only_and_inference_is_deterministic(small):
+    network, state = small
+    x = jax.random.normal(jax.random.key(3), (4, 32, 32, 1))
+    train = [network(x, fresh(state), train=True, drop_prob=0.5, key=jax.random.key(k))[0] for k in (0, 1)]
+    assert not np.allclose(train[0], train[1], atol=1e-4)  # different samples dropped
+    no_drop = [network(x, fresh(state), train=True, drop_prob=0.0, key=jax.random.key(k))[0] for k in (0, 1)]
+    np.testing.assert_allclose(no_drop[0], no_drop[1], rtol=1e-6)
+    inference = [network(x, fresh(state), train=False, drop_prob=0.5, key=jax.random.key(k)) for k in (0, 1)]
+    np.testing.assert_array_equal(inference[0][0], inference[1][0])  # no drop-path, same every call
+    assert inference[0][1] is None  # no auxiliary logits at inference
+
+
+def test_genotype_and_layout_errors_come_before_compiling():
+    with pytest.raises(ValueError, match=r"normal_concat \[2, 3, 4, 9\] must name nodes in 0..5"):
+        dx.Genotype(V2.normal, (2, 3, 4, 9), V2.reduce, V2.reduce_concat)
+    with pytest.raises(ValueError, match=r"pair 0 \('sep_conv_3x3', 5\) feeds node 0, whose inputs are 0..1"):
+        dx.Genotype((("sep_conv_3x3", 5),) + V2.normal[1:], V2.normal_concat, V2.reduce, V2.reduce_concat)
+    with pytest.raises(ValueError, match=r"layers \(=1\) must be an integer >= 2"):
+        dx.make_eval_network(V2, 4, 1, 3, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"images of 6x6 cannot pass 2 reduction cells"):
+        dx.train(jax.random.key(0), V2, tiny_arrays(n=32, size=6) + tiny_arrays(n=8, size=6), layers=3, batch_size=8)
+
+
+def test_graphviz_source_names_every_edge_and_op():
+    from darts_eqx._plot import _dot_source
+
+    source = _dot_source(V2, "normal")
+    assert source.count('label="') == 8 and source.count('-> "c_{k}"') == 4
+    assert '"c_{k-2}" -> "0" [label="sep_conv_3x3"' in source and '"0" -> "3" [label="dil_conv_3x3"' in source
