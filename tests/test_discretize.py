@@ -58,5 +58,5 @@ def test_discretised_seed_network_equals_one_hot_supernet(getkey):
 
 def test_discretize_rejects_mismatched_genotypes(getkey):
     net = dx.SeedNetwork(4, 1, 5, 1, key=getkey())
-    with pytest.raises(ValueError, match="seed supernet cannot take a 'darts'"):
+    with pytest.raises(ValueError, match="a 'seed' supernet cannot take a 'darts'-space genotype"):
         dx.discretize(net, dx.Genotype.parse(DARTS_V2))
