@@ -86,7 +86,7 @@ def test_virtual_step_is_the_weight_optimisers_own_step():
     config = SearchConfig(space="seed", w_lr=XI, grad_clip=1e6)  # no clipping, as the virtual step
     w_opt = weight_optimizer(config, 100)
     opt_state = w_opt.init(weights)
-    grad = eqx.filter_grad(lambda w: _loss(arch, w, static, *train)[0])
+    grad = eqx.filter_jit(eqx.filter_grad(lambda w: _loss(arch, w, static, *train)[0]))
     for _ in range(2):  # two real steps, so that the momentum buffer is not zero
         updates, opt_state = w_opt.update(grad(weights), opt_state, weights)
         before, weights = weights, eqx.apply_updates(weights, updates)
