@@ -50,12 +50,23 @@ def _write(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a partial one."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new file, never a partial one."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    _write(tmp, text.encode())
+    _write(tmp, data)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def serialised(tree) -> bytes:
+    """The bytes `eqx.tree_serialise_leaves` writes for `tree`."""
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, tree)
+    return buffer.getvalue()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, str]]:
@@ -75,9 +86,7 @@ def save(directory: str | os.PathLike, step: int, tree, manifest: dict, *, keep:
     """Write `tree` (arrays) and `manifest` (JSON-able) as checkpoint `step`; prune to `keep`."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, tree)
-    data = buffer.getvalue()
+    data = serialised(tree)
     manifest = {**manifest, "format": FORMAT, "step": step, "arrays_sha256": hashlib.sha256(data).hexdigest()}
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     final = os.path.join(directory, f"step-{step:09d}")

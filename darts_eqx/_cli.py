@@ -163,11 +163,10 @@ def _run_settings(args) -> tuple[str, int, int, dict]:
 
 
 def _search(args) -> None:
-    import equinox as eqx
     import jax
 
     from . import _parallel
-    from ._checkpoint import atomic_write_text, list_checkpoints
+    from ._checkpoint import atomic_write_bytes, atomic_write_text, list_checkpoints, serialised
     from ._data import load
     from ._search import SearchConfig, search
 
@@ -232,9 +231,7 @@ def _search(args) -> None:
         return
     save_history(result.history, result.supernet)
     atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(result.genotype.to_json(), indent=2))
-    tmp = os.path.join(out, f".supernet.eqx.tmp-{os.getpid()}")
-    eqx.tree_serialise_leaves(tmp, result.supernet)
-    os.replace(tmp, os.path.join(out, "supernet.eqx"))
+    atomic_write_bytes(os.path.join(out, "supernet.eqx"), serialised(result.supernet))
     last = result.history[-1]
     print(
         f"done in {time.perf_counter() - start:.0f} s: train acc {last['train_acc']:.3f}, "

@@ -26,10 +26,12 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from . import _checkpoint, _parallel
 from ._checkpoint import CheckpointError, CheckpointWarning
+from ._config import non_negative, positive, positive_ints, replace_known
 from ._data import load
 from ._discretize import derive_genotype, discretize
 from ._genotype import Genotype
 from ._guards import aux_skip_view, beta_regularizer, grew, hessian_eigenvalue, ramp
+from ._loss import supernet_loss
 from ._mixed import combine_arch, split_arch
 from ._network import SearchNetwork, SeedNetwork, reduction_layers
 from ._second_order import ESTIMATORS, arch_gradient, momentum_buffer
@@ -105,40 +107,17 @@ class SearchConfig:
 
     def __post_init__(self):
         get_space(self.space)
-        for name in ("channels", "layers", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` (={value!r}) must be a positive integer")
-        if self.steps_per_chunk is not None and (not isinstance(self.steps_per_chunk, int) or self.steps_per_chunk < 1):
-            raise ValueError(f"`steps_per_chunk` (={self.steps_per_chunk!r}) must be a positive integer or None")
+        positive_ints(self, "channels", "layers", "epochs", "batch_size", "hessian_iterations", "early_stop_window")
+        positive_ints(self, "steps_per_chunk", optional=True)
         if not 0.0 < self.train_portion < 1.0:
             raise ValueError(f"`train_portion` (={self.train_portion!r}) must lie strictly between 0 and 1")
-        for name in ("w_lr", "a_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be positive")
-        for name in ("w_lr_min", "w_weight_decay", "a_weight_decay", "grad_clip", "w_momentum"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be non-negative")
-        if not self.beta_reg >= 0:
-            raise ValueError(f"`beta_reg` (={self.beta_reg!r}) must be non-negative")
-        if not self.aux_skip >= 0:
-            raise ValueError(f"`aux_skip` (={self.aux_skip!r}) must be non-negative")
+        positive(self, "w_lr", "a_lr")
+        non_negative(self, "w_lr_min", "w_weight_decay", "a_weight_decay", "grad_clip", "w_momentum", "beta_reg")
+        non_negative(self, "aux_skip")
         if self.aux_skip and self.order != 1:
             raise ValueError(f"`aux_skip` (={self.aux_skip!r}) is implemented for first-order search (order=1)")
-        if (
-            isinstance(self.hessian_iterations, bool)
-            or not isinstance(self.hessian_iterations, int)
-            or (self.hessian_iterations < 1)
-        ):
-            raise ValueError(f"`hessian_iterations` (={self.hessian_iterations!r}) must be a positive integer")
         if self.early_stop_factor is not None and not self.early_stop_factor > 1:
             raise ValueError(f"`early_stop_factor` (={self.early_stop_factor!r}) must be above 1, or None")
-        if (
-            isinstance(self.early_stop_window, bool)
-            or not isinstance(self.early_stop_window, int)
-            or (self.early_stop_window < 1)
-        ):
-            raise ValueError(f"`early_stop_window` (={self.early_stop_window!r}) must be a positive integer")
         if isinstance(self.partial_channels, bool) or not isinstance(self.partial_channels, int):
             raise ValueError(f"`partial_channels` (={self.partial_channels!r}) must be a positive integer")
         if self.partial_channels != 1:
@@ -160,11 +139,7 @@ class SearchConfig:
 
     def replace(self, **changes) -> "SearchConfig":
         """A copy with `changes`; unknown option names are an error naming them."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown search option(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self, **changes)
+        return replace_known(self, "search", changes)
 
 
 class SearchState(eqx.Module):
@@ -285,19 +260,8 @@ def arch_optimizer(config: SearchConfig) -> optax.GradientTransformation:
     )
 
 
-def loss_and_accuracy(model, x, y):
-    """Mean cross-entropy and accuracy of `model` on one batch."""
-    logits = model(x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, jnp.mean(jnp.argmax(logits, axis=-1) == y)
-
-
-def _arch_loss(arch, weights, static, x, y):
-    return loss_and_accuracy(combine_arch(arch, weights, static), x, y)
-
-
-def _weight_loss(weights, arch, static, x, y):
-    return loss_and_accuracy(combine_arch(arch, weights, static), x, y)
+def _weight_loss(weights, arch, static, x, y):  # weights first: the argument differentiated
+    return supernet_loss(arch, weights, static, x, y)
 
 
 def search_step(
@@ -314,7 +278,7 @@ def search_step(
 
     if arch_grad is None:
         (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(
-            lambda a, *rest: _arch_loss(view(a), *rest), has_aux=True
+            lambda a, *rest: supernet_loss(view(a), *rest), has_aux=True
         )(state.arch, state.weights, static, *val_batch)
     else:
         (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
@@ -564,12 +528,14 @@ def search(
     order = np.asarray(jax.random.permutation(key_split, n))
     train_pool, val_pool = jnp.asarray(order[:n_train]), jnp.asarray(order[n_train:])
     key_order = jax.random.fold_in(key_split, 1)
-    identity = {
-        "darts_eqx": __version__,
-        "config": dataclasses.asdict(config),
-        "data": data_fingerprint(data),
-        "key": np.asarray(jax.random.key_data(key)).tolist(),
-    }
+    identity = None
+    if checkpoint_dir is not None:  # what a checkpoint must match; hashing the data costs a pass over it
+        identity = {
+            "darts_eqx": __version__,
+            "config": dataclasses.asdict(config),
+            "data": data_fingerprint(data),
+            "key": np.asarray(jax.random.key_data(key)).tolist(),
+        }
     key_impl = str(jax.random.key_impl(key_state))
 
     history, epoch_metrics, start_epoch, start_step, last_checkpoint = [], [], 0, 0, None
@@ -621,7 +587,7 @@ def search(
 
         @eqx.filter_jit
         def eigenvalue(arch, weights, x, y, key):
-            loss = lambda a: _arch_loss(a, weights, static, x, y)[0]  # noqa: E731
+            loss = lambda a: supernet_loss(a, weights, static, x, y)[0]  # noqa: E731
             return hessian_eigenvalue(loss, arch, key=key, iterations=config.hessian_iterations)
 
     stopped_at = None

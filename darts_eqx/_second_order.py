@@ -16,15 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._mixed import combine_arch
+from ._loss import supernet_loss
 
 ESTIMATORS = ("exact", "finite_difference")
-
-
-def _loss(arch, weights, static, x, y):
-    logits = combine_arch(arch, weights, static)(x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, jnp.mean(jnp.argmax(logits, axis=-1) == y)
 
 
 def momentum_buffer(opt_state):
@@ -40,7 +34,7 @@ def momentum_buffer(opt_state):
 
 def virtual_step(weights, arch, static, train_batch, *, xi, momentum: float, weight_decay: float, buffer=None):
     """w' = w - xi * (momentum * buffer + grad_w L_train(w, alpha) + weight_decay * w)."""
-    grads = jax.grad(lambda w: _loss(arch, w, static, *train_batch)[0])(weights)
+    grads = jax.grad(lambda w: supernet_loss(arch, w, static, *train_batch)[0])(weights)
     if buffer is None:
         buffer = jax.tree.map(jnp.zeros_like, weights)
     return jax.tree.map(lambda w, g, b: w - xi * (momentum * b + g + weight_decay * w), weights, grads, buffer)
@@ -74,16 +68,16 @@ def arch_gradient(
     if estimator == "exact":
 
         def unrolled(arch):
-            return _loss(arch, virtual_step(weights, arch, static, train_batch, **step), static, *val_batch)
+            return supernet_loss(arch, virtual_step(weights, arch, static, train_batch, **step), static, *val_batch)
 
         return jax.value_and_grad(unrolled, has_aux=True)(arch)
 
     unrolled_weights = jax.lax.stop_gradient(virtual_step(weights, arch, static, train_batch, **step))
-    metrics, (g_arch, g_weights) = jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True)(
+    metrics, (g_arch, g_weights) = jax.value_and_grad(supernet_loss, argnums=(0, 1), has_aux=True)(
         arch, unrolled_weights, static, *val_batch
     )
     eps = 0.01 / optax.tree.norm(g_weights)
     shifted = [jax.tree.map(lambda w, g, s=s: w + s * eps * g, weights, g_weights) for s in (1.0, -1.0)]
-    g_plus, g_minus = (jax.grad(lambda a, w=w: _loss(a, w, static, *train_batch)[0])(arch) for w in shifted)
+    g_plus, g_minus = (jax.grad(lambda a, w=w: supernet_loss(a, w, static, *train_batch)[0])(arch) for w in shifted)
     hessian_term = jax.tree.map(lambda p, m: (p - m) / (2 * eps), g_plus, g_minus)
     return metrics, jax.tree.map(lambda g, h: g - xi * h, g_arch, hessian_term)

@@ -5,7 +5,6 @@ flip and cutout (16 px on 32x32) done in JAX inside the jitted step, with the au
 threaded through the `lax.scan` carry; test accuracy each epoch with the running BN statistics.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -20,7 +19,8 @@ import optax
 from jax import lax
 from jaxtyping import PRNGKeyArray
 
-from ._checkpoint import atomic_write_text
+from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
+from ._config import non_negative, positive, positive_ints, replace_known
 from ._data import load
 from ._eval import EvalNetwork, count_parameters, make_eval_network
 from ._genotype import Genotype
@@ -55,26 +55,16 @@ class TrainConfig:
     steps_per_chunk: int | None = None
 
     def __post_init__(self):
-        for name in ("channels", "layers", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` (={value!r}) must be a positive integer")
-        if not self.lr > 0:
-            raise ValueError(f"`lr` (={self.lr!r}) must be positive")
-        for name in ("lr_min", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "cutout_length"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be non-negative")
+        positive_ints(self, "channels", "layers", "epochs", "batch_size")
+        positive_ints(self, "steps_per_chunk", optional=True)
+        positive(self, "lr")
+        non_negative(self, "lr_min", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "cutout_length")
         if not 0 <= self.drop_path_prob < 1:
             raise ValueError(f"`drop_path_prob` (={self.drop_path_prob!r}) must lie in [0, 1)")
-        if self.steps_per_chunk is not None and (not isinstance(self.steps_per_chunk, int) or self.steps_per_chunk < 1):
-            raise ValueError(f"`steps_per_chunk` (={self.steps_per_chunk!r}) must be a positive integer or None")
 
     def replace(self, **changes) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; unknown option names are an error naming them."""
+        return replace_known(self, "training", changes)
 
 
 @dataclass(frozen=True)
@@ -161,7 +151,7 @@ def make_train_chunk(static, optimizer, config: TrainConfig):
     return chunk
 
 
-def make_evaluate(static, batch_size: int):
+def make_evaluate(static):
     """Jitted `evaluate(params, bn_state, images, labels, valid) -> correct count`, inference mode,
     over batches `[n_batches, batch, ...]` with a mask for the padding of the last batch."""
 
@@ -231,7 +221,7 @@ def train(
     optimizer = train_optimizer(config, steps_per_epoch)
     carry = (params, optimizer.init(params), bn_state, key_train)
     chunk = make_train_chunk(static, optimizer, config)
-    evaluate = make_evaluate(static, config.batch_size)
+    evaluate = make_evaluate(static)
     images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     test = tuple(jnp.asarray(a) for a in _batched(data.x_test, data.y_test, config.batch_size))
 
@@ -278,9 +268,7 @@ def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes:
     """Write `model.eqx` (network and batch-norm state) and `model.json` (what rebuilds it)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".model.eqx.tmp-{os.getpid()}")
-    eqx.tree_serialise_leaves(tmp, (result.model, result.state))
-    os.replace(tmp, os.path.join(directory, "model.eqx"))
+    atomic_write_bytes(os.path.join(directory, "model.eqx"), serialised((result.model, result.state)))
     spec = {
         "genotype": result.model.genotype.to_json(),
         "channels": result.config.channels,

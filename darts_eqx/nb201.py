@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._conv import pointwise_conv
 from ._mixed import ArchLogits, MixedOp
 from ._network import Stem, classify
-from ._ops import BatchNorm, Conv2d, Output, ReLUConvBN
+from ._ops import BatchNorm, Output, ReLUConvBN, _uniform
 from ._spaces import NB201_SPACE
 
 Images = Float[Array, "batch height width channels"]
@@ -63,7 +63,7 @@ class ResidualReduction(eqx.Module):
         ka, kb, ks = jax.random.split(key, 3)
         self.conv_a = ReLUConvBN(cin, cout, 3, 2, 1, True, key=ka)
         self.conv_b = ReLUConvBN(cout, cout, 3, 1, 1, True, key=kb)
-        self.shortcut = Conv2d(cin, cout, 1, key=ks).weight[0, 0]
+        self.shortcut = _uniform(ks, (cin, cout), cin)  # a 1x1 conv's kernel, PyTorch's init
 
     def __call__(self, x: Images) -> Output:
         b, h, w, c = x.shape

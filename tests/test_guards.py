@@ -10,8 +10,8 @@ from helpers import tiny_arrays
 
 import darts_eqx as dx
 from darts_eqx._guards import beta_regularizer, grew, hessian_eigenvalue, ramp
+from darts_eqx._loss import supernet_loss
 from darts_eqx._search import SearchConfig, _with_recorded_alpha, build_supernet
-from darts_eqx._second_order import _loss
 
 
 def test_beta_regularizer_is_the_mean_logsumexp_over_all_edges(getkey):
@@ -36,14 +36,14 @@ def test_power_iteration_finds_the_dominant_hessian_eigenvalue():
         batch = jnp.asarray(x, jnp.float64), jnp.asarray(y)
 
         def loss_of_logits(logits):
-            return _loss(eqx.tree_at(lambda a: a.alpha.logits, arch, logits), weights, static, *batch)[0]
+            return supernet_loss(eqx.tree_at(lambda a: a.alpha.logits, arch, logits), weights, static, *batch)[0]
 
         dense = jax.jacrev(jax.jacrev(loss_of_logits))(arch.alpha.logits).reshape(5, 5)
         eigenvalues = np.linalg.eigvalsh(np.asarray(dense))
         dominant = eigenvalues[np.argmax(np.abs(eigenvalues))]
         found = jax.jit(
             lambda a: hessian_eigenvalue(
-                lambda a: _loss(a, weights, static, *batch)[0], a, key=jax.random.key(1), iterations=200
+                lambda a: supernet_loss(a, weights, static, *batch)[0], a, key=jax.random.key(1), iterations=200
             )  # fmt: skip
         )(arch)
         assert float(found) == pytest.approx(dominant, rel=1e-4)

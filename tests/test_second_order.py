@@ -11,8 +11,9 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
+from darts_eqx._loss import supernet_loss
 from darts_eqx._search import SearchConfig, build_supernet, weight_optimizer
-from darts_eqx._second_order import _loss, momentum_buffer, virtual_step
+from darts_eqx._second_order import momentum_buffer, virtual_step
 
 XI, MOMENTUM, DECAY = 0.2, 0.9, 3e-4
 
@@ -44,7 +45,7 @@ def test_exact_estimator_matches_a_central_difference_of_the_unrolled_objective(
         @jax.jit
         def unrolled(logits):
             a = eqx.tree_at(lambda t: t.alpha.logits, arch, logits)
-            return _loss(a, virtual_step(weights, a, static, train, **step), static, *val)[0]
+            return supernet_loss(a, virtual_step(weights, a, static, train, **step), static, *val)[0]
 
         _, exact = jax.jit(lambda a: dx.arch_gradient(a, weights, static, train, val, **step))(arch)
         exact = np.asarray(exact.alpha.logits).ravel()
@@ -57,7 +58,7 @@ def test_exact_estimator_matches_a_central_difference_of_the_unrolled_objective(
         )
         assert np.linalg.norm(exact - central) <= 1e-6 * np.linalg.norm(central)
         # and the second-order term is not negligible here: dropping it is far off
-        _, first = jax.value_and_grad(_loss, has_aux=True)(
+        _, first = jax.value_and_grad(supernet_loss, has_aux=True)(
             arch, virtual_step(weights, arch, static, train, **step), static, *val
         )
         first = np.asarray(first.alpha.logits).ravel()
@@ -86,7 +87,7 @@ def test_virtual_step_is_the_weight_optimisers_own_step():
     config = SearchConfig(space="seed", w_lr=XI, grad_clip=1e6)  # no clipping, as the virtual step
     w_opt = weight_optimizer(config, 100)
     opt_state = w_opt.init(weights)
-    grad = eqx.filter_jit(eqx.filter_grad(lambda w: _loss(arch, w, static, *train)[0]))
+    grad = eqx.filter_jit(eqx.filter_grad(lambda w: supernet_loss(arch, w, static, *train)[0]))
     for _ in range(2):  # two real steps, so that the momentum buffer is not zero
         updates, opt_state = w_opt.update(grad(weights), opt_state, weights)
         before, weights = weights, eqx.apply_updates(weights, updates)
