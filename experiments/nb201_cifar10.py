@@ -19,12 +19,10 @@ import time
 
 import jax
 import numpy as np
+from shared_data import CIFAR10_SUBSET, NB201_TABLE, pooled, write_report
 
 import darts_eqx as dx
 
-HERE = os.path.dirname(__file__)
-DATA = os.path.join(HERE, "..", "..", "shared", "data", "cifar10_10k.npz")
-TABLE = os.path.join(HERE, "..", "..", "shared", "data", "nb201_accuracy.csv")
 METHODS = {
     "DARTS (1st order)": dict(order=1),
     "DARTS (2nd order)": dict(order=2),
@@ -34,16 +32,10 @@ PUBLISHED = {"DARTS (1st order)": 54.30, "DARTS (2nd order)": 54.30, "beta-DARTS
 OPTIMUM = 94.37
 
 
-def pooled(x: np.ndarray, size: int) -> np.ndarray:
-    factor = x.shape[1] // size
-    n, _, _, c = x.shape
-    return x.astype(np.float32).reshape(n, size, factor, size, factor, c).mean(axis=(2, 4))
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=DATA)
-    p.add_argument("--table", default=TABLE)
+    p.add_argument("--data", default=CIFAR10_SUBSET)
+    p.add_argument("--table", default=NB201_TABLE)
     p.add_argument("--out", default="runs/nb201_cifar10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -116,10 +108,7 @@ def main():
     for r in runs:
         trace = ", ".join(f"{v:.3g}" for v in r["eigenvalues"])
         lines.append(f"- {r['method']}, seed {r['seed']} ({r['seconds']:.0f} s): {trace}")
-    report = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, "report.md"), "w") as f:
-        f.write(report)
-    print(report)
+    write_report(a.out, lines)
 
 
 if __name__ == "__main__":

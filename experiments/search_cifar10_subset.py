@@ -9,15 +9,14 @@ import sys
 import time
 
 import jax
+from shared_data import CIFAR10_SUBSET
 
 import darts_eqx as dx
-
-DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_10k.npz")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=DEFAULT)
+    parser.add_argument("--data", default=CIFAR10_SUBSET)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--layers", type=int, default=5)

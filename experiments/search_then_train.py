@@ -17,24 +17,14 @@ import time
 
 import jax
 import numpy as np
+from shared_data import CIFAR10_SUBSET, pooled, write_report
 
 import darts_eqx as dx
-
-DEFAULT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_10k.npz")
-
-
-def pooled(x: np.ndarray, size: int) -> np.ndarray:
-    """Average-pool NHWC images down to `size` x `size` (an integer factor)."""
-    factor = x.shape[1] // size
-    if factor * size != x.shape[1]:
-        raise ValueError(f"--image-size {size} must divide the image size {x.shape[1]}")
-    n, h, w, c = x.shape
-    return x.astype(np.float32).reshape(n, size, factor, size, factor, c).mean(axis=(2, 4))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=DEFAULT)
+    p.add_argument("--data", default=CIFAR10_SUBSET)
     p.add_argument("--out", default="runs/search_then_train")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--search-images", type=int, default=4000)
@@ -126,10 +116,7 @@ def main():
             f"| {label} | {result.parameters:,} | {h[-1]['train_acc']:.3f} | {h[-1]['test_acc']:.3f} | "
             f"{max(r['test_acc'] for r in h):.3f} | {seconds:.0f} s |"
         )
-    report = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, "report.md"), "w") as f:
-        f.write(report)
-    print(report)
+    write_report(a.out, lines)
 
 
 if __name__ == "__main__":

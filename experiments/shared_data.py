@@ -1,0 +1,26 @@
+"""What the experiments share: where ../shared/data lies, image pooling, and report writing."""
+
+import os
+
+import numpy as np
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+CIFAR10_SUBSET = os.path.join(SHARED_DATA, "cifar10_10k.npz")
+NB201_TABLE = os.path.join(SHARED_DATA, "nb201_accuracy.csv")
+
+
+def pooled(x: np.ndarray, size: int) -> np.ndarray:
+    """Average-pool NHWC images down to `size` x `size` (an integer factor)."""
+    factor = x.shape[1] // size
+    if factor * size != x.shape[1]:
+        raise ValueError(f"--image-size {size} must divide the image size {x.shape[1]}")
+    n, _, _, c = x.shape
+    return x.astype(np.float32).reshape(n, size, factor, size, factor, c).mean(axis=(2, 4))
+
+
+def write_report(out: str, lines: list[str]) -> None:
+    """`out/report.md` from Markdown `lines`, echoed to stdout."""
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report)
+    print(report)
