@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, max_pool, separable_conv2d
-from darts_eqx._ops import BatchNorm, FactorizedReduce
+from darts_eqx._ops import BatchNorm, FactorizedReduce, batch_norm
 
 CONV_CASES = [
     (1, 1, 0, 1),
@@ -89,6 +89,39 @@ def test_pools_match_reduce_window(getkey, stride):
     # padding is not counted: a corner averages 4 pixels at stride 1
     if stride == 1:
         np.testing.assert_allclose(avg_pool(x, 1)[:, 0, 0], x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_gradient_matches_reduce_window_with_ties(getkey, stride):
+    # Rounded inputs make ties: the gradient must go to the window's first maximum, as XLA's
+    # select-and-scatter (and PyTorch) route it, not be split between the tied pixels.
+    window, strides = (1, 3, 3, 1), (1, stride, stride, 1)
+    pads = ((0, 0), (1, 1), (1, 1), (0, 0))
+
+    def want(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
+
+    for x in (jax.random.normal(getkey(), (2, 9, 8, 3)), jnp.round(2 * jax.random.normal(getkey(), (2, 9, 8, 3)))):
+        got_value, (got_grad,) = _value_and_grads(lambda x: max_pool(x, stride), x)
+        want_value, (want_grad,) = _value_and_grads(want, x)
+        np.testing.assert_allclose(got_value, want_value, rtol=1e-6)
+        np.testing.assert_array_equal(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("channels", [(5,), (3, 4)])
+def test_batch_norm_matches_the_textbook_formula(getkey, channels):
+    # The pixel sums are matrix-vector products: same values and gradients as mean/var reductions,
+    # with stacked channel axes (the fused cell's edges x channels) normalised per channel.
+    x = 3.0 + 2.0 * jax.random.normal(getkey(), (6, 5, 4, *channels))
+
+    def textbook(x):
+        mean = jnp.mean(x, axis=(0, 1, 2), keepdims=True)
+        return (x - mean) / jnp.sqrt(jnp.var(x, axis=(0, 1, 2), keepdims=True) + 1e-5)
+
+    np.testing.assert_allclose(batch_norm(x), textbook(x), rtol=1e-5, atol=1e-5)
+    _, (got_grad,) = _value_and_grads(batch_norm, x)
+    _, (want_grad,) = _value_and_grads(textbook, x)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_batchnorm_uses_batch_statistics(getkey):
