@@ -7,7 +7,10 @@ computes them together:
   edge: per op one dense convolution of the shared input whose kernel is each edge's depthwise
   kernel times its pointwise matrix, edges side by side on the output axis; one BN for all of them
   (statistics stay per edge and channel, so nothing changes);
-- the second stage of the sep convs: one dense composed convolution per edge.
+- everything after that is per edge (the sep convs' second stage, one dense composed convolution
+  each, and the weighted sum of the eight ops) inside one `lax.scan` over the edges, so the
+  program does not grow with the edge count; op outputs are never concatenated along the
+  channel axis (XLA:CPU copies such concatenates with rows of C floats).
 
 XLA:CPU runs dense convolutions near the machine's peak and grouped (depthwise) ones 5-10x slower
 than that, so the composed kernels' extra multiply-adds are cheaper than the grouped convolutions
@@ -29,7 +32,7 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, check_partial_channels, edge_index, preprocess
-from ._conv import CONV_OUTPUT, avg_pool, conv2d, max_pool, separable_kernel
+from ._conv import CONV_OUTPUT, avg_pool, conv2d, max_pool, pointwise_conv, separable_kernel
 from ._mixed import MixedOp, partial_channel_merge
 from ._ops import (
     DilConv,
@@ -106,12 +109,16 @@ class SourceOps(eqx.Module):
             self.skip_a = self.skip_b = None
         self.edges, self.channels, self.stride = e, c, stride
 
-    def __call__(self, x: Images, weights: Float[Array, "e 8"]) -> Float[Array, "b ho wo e c"]:
+    def __call__(self, x: Images, weights: Float[Array, "e 8"]) -> Float[Array, "e b ho wo c"]:
         """Mixed-op outputs of every edge leaving `x`, weighted by softmax(alpha) rows `weights`
-        (columns in `DARTS_SPACE.op_names` order)."""
+        (columns in `DARTS_SPACE.op_names` order), edges first.
+
+        Op outputs are kept apart and mixed per edge, never concatenated along the channel axis:
+        on XLA:CPU every such concatenate (and every elementwise pass over [.., edges, channels]
+        with a broadcast weight) is a strided copy with 8-float rows at C=8 (experiments/README.md)."""
         e, s, c = self.edges, self.stride, self.channels
         # Stage 1 of the four conv ops: per op, one dense convolution of relu(x) to every edge's
-        # (depthwise o pointwise) output at once; then one BN over all of them.
+        # (depthwise o pointwise) output at once, edges side by side on the channel axis.
         r = jax.nn.relu(x)
         firsts = (
             (self.sep3_dw1, self.sep3_pw1),
@@ -119,47 +126,40 @@ class SourceOps(eqx.Module):
             (self.dil3_dw, self.dil3_pw),
             (self.dil5_dw, self.dil5_pw),
         )
-        y = jnp.concatenate(
-            [
-                conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op])
-                for op, (dw, pw) in zip(_CONV_OPS, firsts)
-            ],
-            axis=-1,
-        )
-        b, ho, wo = y.shape[:3]
-        y = batch_norm(y.reshape(b, ho, wo, 4 * e, c))  # groups: sep3, sep5, dil3, dil5 x edges
-        # Stage 2 of the two sep convs: every edge has its own input, so one convolution per edge.
-        z = jax.nn.relu(y[:, :, :, : 2 * e])
-        seconds = ((self.sep3_dw2, self.sep3_pw2), (self.sep5_dw2, self.sep5_pw2))
-        z = jnp.stack(
-            [
-                conv2d(z[:, :, :, j * e + i], separable_kernel(dw[i], pw[i]), 1, dw.shape[1] // 2)
-                for j, (dw, pw) in enumerate(seconds)
-                for i in range(e)
-            ],
-            axis=3,
-        )
-        z = batch_norm(z)
-        conv_out = jnp.concatenate([z, y[:, :, :, 2 * e :]], axis=3)  # sep3, sep5, dil3, dil5
-        # Parameter-free ops, shared by every edge.
-        pools = batch_norm(jnp.stack([max_pool(x, s), avg_pool(x, s)], axis=3))
-        if s == 1:
-            skip = x[:, :, :, None, :]
+        stage1 = [
+            batch_norm(conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]))
+            for op, (dw, pw) in zip(_CONV_OPS, firsts)
+        ]
+
+        # Everything after stage 1 is per edge: one `lax.scan` over the edges keeps the program
+        # (hence XLA's compile time) independent of the edge count. Its inputs are the stage-1
+        # outputs edges first, so each step reads one contiguous block.
+        b, ho, wo = stage1[0].shape[:3]
+        per_edge = [jnp.moveaxis(y.reshape(b, ho, wo, e, c), 3, 0) for y in stage1]
+        max_out, avg_out = batch_norm(max_pool(x, s)), batch_norm(avg_pool(x, s))
+        if s == 2:
+            r_even, r_odd = r[:, ::2, ::2], r[:, 1::2, 1::2]
+            skip_weights = (self.skip_a, self.skip_b)
         else:
-            r = jax.nn.relu(x)
-            skip = jnp.concatenate(
-                [
-                    jnp.einsum("bhwc,ecd->bhwed", r[:, ::2, ::2], self.skip_a),
-                    jnp.einsum("bhwc,ecd->bhwed", r[:, 1::2, 1::2], self.skip_b),
-                ],
-                axis=4,
-            )
-            skip = batch_norm(skip)
-        w = weights.T[:, None, None, None, :, None]  # [op, 1, 1, 1, e, 1]
-        out = w[1] * pools[:, :, :, 0:1] + w[2] * pools[:, :, :, 1:2] + w[3] * skip
-        for i in range(4):
-            out = out + w[4 + i] * conv_out[:, :, :, i * e : (i + 1) * e]
-        return out
+            skip_weights = None
+
+        def edge_out(_, inputs):
+            (sep3, sep5, dil3, dil5), (dw3, pw3, dw5, pw5), skip_i, w = inputs
+            # Stage 2 of the two sep convs.
+            z3 = batch_norm(conv2d(jax.nn.relu(sep3), separable_kernel(dw3, pw3), 1, 1))
+            z5 = batch_norm(conv2d(jax.nn.relu(sep5), separable_kernel(dw5, pw5), 1, 2))
+            if skip_i is None:
+                skip = x
+            else:
+                skip = batch_norm(
+                    jnp.concatenate([pointwise_conv(r_even, skip_i[0]), pointwise_conv(r_odd, skip_i[1])], axis=-1)
+                )
+            out = w[1] * max_out + w[2] * avg_out + w[3] * skip + w[4] * z3 + w[5] * z5 + w[6] * dil3 + w[7] * dil5
+            return None, out
+
+        seconds = (self.sep3_dw2, self.sep3_pw2, self.sep5_dw2, self.sep5_pw2)
+        _, outs = lax.scan(edge_out, None, (tuple(per_edge), seconds, skip_weights, weights))
+        return outs
 
     def edge_op(self, name: str, slot: int) -> eqx.Module:
         """The stand-alone op module of edge `slot` for candidate `name`, with these weights."""
@@ -288,11 +288,11 @@ class FusedCell(eqx.Module):
             if k == 1:
                 out = ops_i(x, mix_i[:, :-1])
             else:  # PC-DARTS: the ops see the first 1/k of the channels, the rest bypass them
-                out = partial_channel_merge(ops_i(x[..., : x.shape[-1] // k], mix_i[:, :-1]), x, k, ops_i.stride)
-            return out if edge_weights is None else out * mix_i[:, -1][None, None, None, :, None]
+                part = jnp.moveaxis(ops_i(x[..., : x.shape[-1] // k], mix_i[:, :-1]), 0, 3)
+                out = jnp.moveaxis(partial_channel_merge(part, x, k, ops_i.stride), 3, 0)
+            return out if edge_weights is None else out * mix_i[:, -1][:, None, None, None, None]
 
         def add(nodes, out, base):
-            out = jnp.moveaxis(out, 3, 0)  # [width, b, h, w, c]
             current = lax.dynamic_slice_in_dim(nodes, base, out.shape[0], axis=0)
             return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
 

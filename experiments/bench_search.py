@@ -1,6 +1,9 @@
-"""Benchmark of the scan-fused first-order search step on random data (one JSON line).
+"""Benchmark of the scan-fused search step on random data (one JSON line).
 
     python experiments/bench_search.py --C 8 --layers 5 --batch 32 --image 32 --steps 4
+    python experiments/bench_search.py --space nb201 --C 16 --layers 5 --batch 64 --image 32 --steps 4
+
+`--layers` is the cell count for `darts`, cells per stage for `nb201` (the benchmark's N=5).
 
 `compile_s` is the first call of a chunk (compile included) minus one chunk's run time;
 `steps_per_s` is timed over a second chunk of `--steps` steps.
@@ -29,7 +32,7 @@ from darts_eqx._search import (
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--space", default="darts", choices=("darts", "seed"))
+    parser.add_argument("--space", default="darts", choices=("darts", "nb201", "seed"))
     parser.add_argument("--order", type=int, default=1, choices=(1, 2))
     parser.add_argument("--estimator", default="exact", choices=("exact", "finite_difference"))
     parser.add_argument("--C", type=int, default=8)

@@ -76,13 +76,13 @@ def test_fused_source_gradients_match_per_edge_mixed_ops(getkey, stride, edges):
     ]
     x = random_images(getkey(), n=8, channels=4)
     w = jax.nn.softmax(jax.random.normal(getkey(), (edges, 8)), axis=-1)
-    target = jax.random.normal(getkey(), (8, 8 // stride, 8 // stride, edges, 4))
+    target = jax.random.normal(getkey(), (edges, 8, 8 // stride, 8 // stride, 4))
 
     def fused_loss(ops, x, w):
         return jnp.sum((ops(x, w) - target) ** 2)
 
     def plain_loss(mixed, x, w):
-        out = jnp.stack([m(x, w[e]) for e, m in enumerate(mixed)], axis=3)
+        out = jnp.stack([m(x, w[e]) for e, m in enumerate(mixed)])
         return jnp.sum((out - target) ** 2)
 
     g_fused = eqx.filter_jit(eqx.filter_grad(lambda a: fused_loss(*a)))((ops, x, w))
