@@ -12,6 +12,7 @@ forward-mode rule: `jax.jvp`/`jax.hessian` through these convolutions need `DART
 followed by a pointwise one is computed as one dense convolution with the composed kernel.
 """
 
+import contextlib
 import functools
 import os
 
@@ -56,40 +57,77 @@ def _canonical_fwd(x, w, stride, padding, dilation):
     return _canonical_conv(x, w, stride, padding, dilation), (x, w)
 
 
-def _canonical_bwd(stride, padding, dilation, residuals, g):
-    x, w = residuals
-    k = w.shape[0]
-    span = dilation * (k - 1)
+def _input_gradient(stride, padding, dilation, x, w, g):
+    # The stride-dilated cotangent (explicit zeros, not lhs_dilation, which is not canonical)
+    # correlated with the flipped, in/out-swapped kernel.
+    span = dilation * (w.shape[0] - 1)
     sizes, outs = x.shape[1:3], g.shape[1:3]
-    # Input gradient: the stride-dilated cotangent (explicit zeros, not lhs_dilation, which is not
-    # canonical) correlated with the flipped, in/out-swapped kernel.
     if stride > 1:
         zero = jnp.zeros((), g.dtype)
-        g_dilated = lax.pad(g, zero, ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)))
-    else:
-        g_dilated = g
+        g = lax.pad(g, zero, ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)))
     w_flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _conv(
-        g_dilated,
-        w_flipped,
-        1,
-        [(span - padding, size - stride * (out - 1) - 1 + padding) for size, out in zip(sizes, outs)],
-        dilation,
-    )
-    # Kernel gradient: batch and feature axes swapped so that it too is an NHWC x HWIO convolution:
-    # input [cin, H, W, batch], kernel = cotangent [h, w, batch, cout], output [cin, k, k, cout].
+    pads = [(span - padding, size - stride * (out - 1) - 1 + padding) for size, out in zip(sizes, outs)]
+    return _conv(g, w_flipped, 1, pads, dilation)
+
+
+def _kernel_gradient(stride, padding, dilation, x, w, g):
+    # Batch and feature axes swapped so that it too is an NHWC x HWIO convolution: input
+    # [cin, H, W, batch], kernel = cotangent [h, w, batch, cout], output [cin, k, k, cout].
     # (The window strides by the dilation and the "kernel" is dilated by the stride.)
-    dw = _conv(
-        x.transpose(3, 1, 2, 0),
-        g.transpose(1, 2, 0, 3),
-        dilation,
-        [(padding, span + stride * (out - 1) + 1 - size - padding) for size, out in zip(sizes, outs)],
-        stride,
-    )
-    return dx, dw.transpose(1, 2, 0, 3)
+    span = dilation * (w.shape[0] - 1)
+    sizes, outs = x.shape[1:3], g.shape[1:3]
+    pads = [(padding, span + stride * (out - 1) + 1 - size - padding) for size, out in zip(sizes, outs)]
+    dw = _conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation, pads, stride)
+    return dw.transpose(1, 2, 0, 3)
+
+
+def _canonical_bwd(stride, padding, dilation, residuals, g):
+    x, w = residuals
+    return _input_gradient(stride, padding, dilation, x, w, g), _kernel_gradient(stride, padding, dilation, x, w, g)
 
 
 _canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
+
+_GATES = []  # traced scalars set by `kernel_gradient_gate` while a step is being traced
+
+
+@contextlib.contextmanager
+def kernel_gradient_gate(gate):
+    """While tracing inside this context, canonical convolutions compute their kernel gradient
+    only when the traced scalar `gate` is nonzero (a `lax.cond`; zeros otherwise), their input
+    gradient always. The search traces one gradient of (weights, alpha) for both its alpha and its
+    weight phase and gates the kernel gradients off in the alpha phase, so a step costs what two
+    separately traced gradients cost while XLA compiles the supernet once (experiments/README.md)."""
+    _GATES.append(gate)
+    try:
+        yield
+    finally:
+        _GATES.pop()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gated_conv(x, w, gate, stride: int, padding: int, dilation: int):
+    return _conv(x, w, stride, padding, dilation)
+
+
+def _gated_fwd(x, w, gate, stride, padding, dilation):
+    return _conv(x, w, stride, padding, dilation), (x, w, gate)
+
+
+def _gated_bwd(stride, padding, dilation, residuals, g):
+    x, w, gate = residuals
+
+    def both():
+        return _canonical_bwd(stride, padding, dilation, (x, w), g)
+
+    def input_only():
+        return _input_gradient(stride, padding, dilation, x, w, g), jnp.zeros_like(w)
+
+    dx, dw = lax.cond(gate != 0, both, input_only)
+    return dx, dw, jnp.zeros_like(gate)
+
+
+_gated_conv.defvjp(_gated_fwd, _gated_bwd)
 
 
 def conv2d(
@@ -106,7 +144,11 @@ def conv2d(
     if impl == "canonical":
         # Named so that rematerialisation can keep it: a custom VJP's output is not a `dot` to
         # `dots_saveable`, and recomputing every conv in the backward pass costs a third more.
-        return checkpoint_name(_canonical_conv(x, weight, stride, padding, dilation), CONV_OUTPUT)
+        if _GATES:
+            out = _gated_conv(x, weight, _GATES[-1], stride, padding, dilation)
+        else:
+            out = _canonical_conv(x, weight, stride, padding, dilation)
+        return checkpoint_name(out, CONV_OUTPUT)
     if impl != "native":
         raise ValueError(f"conv impl (={impl!r}) must be one of {_IMPLS}")
     return _conv(x, weight, stride, padding, dilation)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, max_pool, separable_conv2d
+from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, kernel_gradient_gate, max_pool, separable_conv2d
 from darts_eqx._ops import BatchNorm, FactorizedReduce, batch_norm
 
 CONV_CASES = [
@@ -140,3 +140,27 @@ def test_factorized_reduce_rejects_odd_sizes(getkey):
         fr(jnp.ones((2, 7, 7, 4)))
     with pytest.raises(ValueError, match=r"output channels \(=5\) must be even"):
         FactorizedReduce(4, 5, False, key=getkey())
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.0])
+def test_kernel_gradient_gate(getkey, gate):
+    # Inside the gate the input gradient is the canonical one; the kernel gradient is too when the
+    # gate is on and exactly zero when it is off. The gate is a traced value (one compiled program).
+    x, w = jax.random.normal(getkey(), (2, 7, 7, 3)), jax.random.normal(getkey(), (3, 3, 3, 4))
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(conv2d(x, w, 2, 2, 2, impl="canonical")))
+
+    @jax.jit
+    def gated(x, w, g):
+        with kernel_gradient_gate(g):
+            return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+    value, (dx, dw) = gated(x, w, jnp.float32(gate))
+    want_value, (want_dx, want_dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-6)
+    if gate:
+        np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(dw, np.zeros_like(dw))

@@ -139,3 +139,37 @@ def test_donated_state_is_not_reused():
         progress=False,
     )
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(eqx.filter(r.supernet, eqx.is_array)))
+
+
+def test_shared_trace_step_equals_the_two_trace_step(getkey):
+    # The CPU default traces one gradient of (weights, alpha) for both phases with the kernel
+    # gradients gated off in the alpha phase: same step as two separately traced gradients
+    # (with an alpha regulariser, whose gradient joins alpha's).
+    from darts_eqx._search import search_step
+
+    config = SearchConfig(space="seed", channels=4, layers=1, batch_size=8)
+    model = build_supernet(config, (8, 8, 3), 10, key=getkey())
+    arch, weights, static = dx.split_arch(model)
+    w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
+    state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), getkey())
+    x = jax.random.normal(getkey(), (16, 8, 8, 3))
+    y = jax.random.randint(getkey(), (16,), 0, 10)
+
+    def reg(arch, step):
+        return 0.5 * sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(arch))
+
+    @eqx.filter_jit
+    def two_steps(state, shared):
+        for _ in range(2):
+            state, metrics = search_step(
+                state, static, w_opt, a_opt, (x[:8], y[:8]), (x[8:], y[8:]), arch_reg=reg, shared_trace=shared
+            )
+        return state, metrics
+
+    got, got_metrics = two_steps(state, True)
+    want, want_metrics = two_steps(state, False)
+    for a, b in zip(jax.tree.leaves((got.weights, got.arch)), jax.tree.leaves((want.weights, want.arch))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_metrics, want_metrics):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert int(got.step) == 2
