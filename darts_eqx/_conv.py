@@ -95,9 +95,9 @@ _GATES = []  # traced scalars set by `kernel_gradient_gate` while a step is bein
 def kernel_gradient_gate(gate):
     """While tracing inside this context, canonical convolutions compute their kernel gradient
     only when the traced scalar `gate` is nonzero (a `lax.cond`; zeros otherwise), their input
-    gradient always. The search traces one gradient of (weights, alpha) for both its alpha and its
-    weight phase and gates the kernel gradients off in the alpha phase, so a step costs what two
-    separately traced gradients cost while XLA compiles the supernet once (experiments/README.md)."""
+    gradient always. `search_step(shared_trace=True)` traces one gradient of (weights, alpha) for
+    both its alpha and its weight phase and gates the kernel gradients off in the alpha phase, so
+    XLA compiles the supernet's backward pass once (experiments/README.md has the trade-off)."""
     _GATES.append(gate)
     try:
         yield

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from . import _checkpoint, _parallel
 from ._checkpoint import CheckpointError, CheckpointWarning
 from ._config import non_negative, positive, positive_ints, replace_known
-from ._conv import conv_impl, kernel_gradient_gate
+from ._conv import kernel_gradient_gate
 from ._data import load
 from ._discretize import derive_genotype, discretize
 from ._genotype import Genotype
@@ -275,21 +275,20 @@ def search_step(
     arch_grad=None,
     arch_reg=None,
     arch_view=None,
-    shared_trace: bool | None = None,
+    shared_trace: bool = False,
 ):
     """One DARTS step: alpha on `val_batch`, then weights on `train_batch`. First order unless
     `arch_grad(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` is given
     (see `second_order_gradient`); `arch_reg(arch, step)`, a regulariser of alpha alone, is added
     to the validation loss (its gradient to alpha's); `arch_view(arch, step)` is alpha as both
-    forward passes see it (DARTS-'s auxiliary skip). First order traces the supernet's gradient
-    once for both phases when `shared_trace` (default: with the CPU's canonical convolutions,
-    whose kernel gradients can be gated off in the alpha phase), else twice."""
+    forward passes see it (DARTS-'s auxiliary skip). With `shared_trace`, first order traces the
+    supernet's gradient once for both phases, the CPU's canonical convolutions gating their kernel
+    gradients off in the alpha phase: measured at C=8, layers=5, batch 32, it compiles ~22% faster
+    and runs ~15% slower than two traces (the default)."""
 
     def view(arch):
         return arch if arch_view is None else arch_view(arch, state.step)
 
-    if shared_trace is None:
-        shared_trace = conv_impl() == "canonical"
     if arch_grad is None and shared_trace:
         return _gated_first_order_step(state, static, w_opt, a_opt, train_batch, val_batch, arch_reg, view)
     if arch_grad is None:
@@ -372,7 +371,7 @@ def second_order_gradient(config: SearchConfig, steps_per_epoch: int):
     return arch_grad
 
 
-def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None, arch_view=None):
+def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None, arch_view=None, shared_trace=False):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`. The
     data stays on device and only indices change per call, so nothing recompiles; the state's
@@ -390,7 +389,7 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None
             it, iv = idx
             train = constrain(images[it]), constrain(labels[it])
             val = constrain(images[iv]), constrain(labels[iv])
-            return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view)
+            return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view, shared_trace)
 
         return lax.scan(body, state, (train_idx, val_idx))
 

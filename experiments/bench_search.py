@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS K (1: plain DARTS)")
+    parser.add_argument("--shared-trace", action="store_true", help="first order: one traced gradient, gated")
     a = parser.parse_args()
     config = SearchConfig(
         space=a.space,
@@ -63,7 +64,7 @@ def main():
     labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
     arch_grad = second_order_gradient(config, 100) if a.order == 2 else None
-    chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad)
+    chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad, shared_trace=a.shared_trace)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     start = time.perf_counter()
     state, m = chunk(inputs, state)
@@ -86,6 +87,7 @@ def main():
                 "image": a.image,
                 "steps": a.steps,
                 "partial_channels": a.partial_channels,
+                "shared_trace": a.shared_trace,
                 "steps_per_s": a.steps / run,
                 "compile_s": first - run,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -142,7 +142,7 @@ def test_donated_state_is_not_reused():
 
 
 def test_shared_trace_step_equals_the_two_trace_step(getkey):
-    # The CPU default traces one gradient of (weights, alpha) for both phases with the kernel
+    # shared_trace: one traced gradient of (weights, alpha) for both phases with the kernel
     # gradients gated off in the alpha phase: same step as two separately traced gradients
     # (with an alpha regulariser, whose gradient joins alpha's).
     from darts_eqx._search import search_step
