@@ -297,19 +297,32 @@ def search_step(
         )(state.arch, state.weights, static, *val_batch)
     else:
         (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
-    if arch_reg is not None:
-        reg_grads = jax.grad(arch_reg)(state.arch, state.step)
-        a_grads = jax.tree.map(lambda g, r: g + r, a_grads, reg_grads)
-    a_updates, a_opt_state = a_opt.update(a_grads, state.a_opt_state, state.arch)
-    arch = eqx.apply_updates(state.arch, a_updates)
+    a_grads = _regularised(a_grads, state, arch_reg)
+    stepped = _alpha_update(state, a_opt, a_grads)
     (train_loss, train_acc), w_grads = eqx.filter_value_and_grad(_weight_loss, has_aux=True)(
-        state.weights, view(arch), static, *train_batch
+        stepped.weights, view(stepped.arch), static, *train_batch
     )
-    w_updates, w_opt_state = w_opt.update(w_grads, state.w_opt_state, state.weights)
-    weights = eqx.apply_updates(state.weights, w_updates)
-    new = SearchState(weights, arch, w_opt_state, a_opt_state, state.step + 1, state.key)
+    new = dataclasses.replace(_weight_update(stepped, w_opt, w_grads), step=state.step + 1)
     norms = optax.tree.norm(w_grads), optax.tree.norm(a_grads)  # before clipping: for the NaN guard
     return new, StepMetrics(train_loss, train_acc, val_loss, val_acc, *norms)
+
+
+def _regularised(a_grads, state: SearchState, arch_reg):
+    """alpha's gradient plus that of the regulariser `arch_reg(arch, step)`, if any."""
+    if arch_reg is None:
+        return a_grads
+    reg_grads = jax.grad(arch_reg)(state.arch, state.step)
+    return jax.tree.map(lambda g, r: g + r, a_grads, reg_grads)
+
+
+def _alpha_update(state: SearchState, a_opt, a_grads) -> SearchState:
+    a_updates, a_opt_state = a_opt.update(a_grads, state.a_opt_state, state.arch)
+    return dataclasses.replace(state, arch=eqx.apply_updates(state.arch, a_updates), a_opt_state=a_opt_state)
+
+
+def _weight_update(state: SearchState, w_opt, w_grads) -> SearchState:
+    w_updates, w_opt_state = w_opt.update(w_grads, state.w_opt_state, state.weights)
+    return dataclasses.replace(state, weights=eqx.apply_updates(state.weights, w_updates), w_opt_state=w_opt_state)
 
 
 def _gated_first_order_step(state, static, w_opt, a_opt, train_batch, val_batch, arch_reg, view):
@@ -326,20 +339,13 @@ def _gated_first_order_step(state, static, w_opt, a_opt, train_batch, val_batch,
             (loss, acc), (w_grads, a_grads) = eqx.filter_value_and_grad(
                 lambda wa: supernet_loss(view(wa[1]), wa[0], static, x, y), has_aux=True
             )((state.weights, state.arch))
-        if arch_reg is not None:
-            reg_grads = jax.grad(arch_reg)(state.arch, state.step)
-            a_grads = jax.tree.map(lambda g, r: g + r, a_grads, reg_grads)
-
-        def alpha_update(state):
-            a_updates, a_opt_state = a_opt.update(a_grads, state.a_opt_state, state.arch)
-            return dataclasses.replace(state, arch=eqx.apply_updates(state.arch, a_updates), a_opt_state=a_opt_state)
-
-        def weight_update(state):
-            w_updates, w_opt_state = w_opt.update(w_grads, state.w_opt_state, state.weights)
-            weights = eqx.apply_updates(state.weights, w_updates)
-            return dataclasses.replace(state, weights=weights, w_opt_state=w_opt_state)
-
-        state = lax.cond(is_weight_phase, weight_update, alpha_update, state)
+        a_grads = _regularised(a_grads, state, arch_reg)
+        state = lax.cond(
+            is_weight_phase,
+            lambda s: _weight_update(s, w_opt, w_grads),
+            lambda s: _alpha_update(s, a_opt, a_grads),
+            state,
+        )
         # before clipping: for the NaN guard
         norm = jnp.where(is_weight_phase, optax.tree.norm(w_grads), optax.tree.norm(a_grads))
         return state, (loss, acc, norm)
