@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="several hosts: let jax.distributed.initialize read the cluster (SLURM, Open MPI, ...)",
     )
+    _compile_cache_option(s)
     s.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
     t = commands.add_parser("train", help="train a genotype from scratch and report test accuracy")
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cutout", action=argparse.BooleanOptionalAction, default=None, help="cutout augmentation")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="run folder (default: a new folder under runs/)")
+    _compile_cache_option(t)
     t.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 
     v = commands.add_parser("show", help="print a genotype and draw its cells")
@@ -110,6 +112,44 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default=".", help="folder for normal.png and reduce.png (default: here)")
     v.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return parser
+
+
+def _compile_cache_option(parser) -> None:
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="keep compiled XLA programs in DIR, so a run with the same shapes and options (a resume, "
+        "another seed) skips XLA's compile (default: $DARTS_EQX_COMPILE_CACHE, else "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/darts_eqx/xla, at most 2 GiB; off: compile every time)",
+    )
+
+
+def default_compile_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "darts_eqx", "xla")
+
+
+def use_compile_cache(path: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache at `path` ("off": leave it off; None:
+    `$DARTS_EQX_COMPILE_CACHE`, else JAX's own `$JAX_COMPILATION_CACHE_DIR`, else
+    `default_compile_cache()`), before anything compiles. XLA's compile of a search chunk takes
+    about a minute on CPU; JAX keys each entry by the program, compile options, backend and
+    versions, so a hit is the same executable. Returns the directory in use."""
+    import jax
+
+    if path is None:
+        path = os.environ.get("DARTS_EQX_COMPILE_CACHE") or jax.config.jax_compilation_cache_dir
+        path = path or default_compile_cache()
+    if path == "off":
+        return None
+    if not path.strip():
+        raise ValueError("--compile-cache needs a directory (or off)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--compile-cache {path!r} is not a directory")
+    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_max_size == -1:  # unbounded: bound it (LRU eviction)
+        jax.config.update("jax_compilation_cache_max_size", 2 * 1024**3)
+    return path
 
 
 def _new_run_dir() -> str:
@@ -350,6 +390,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():  # restores the caller's warning display afterwards
             if not args.debug:
                 warnings.showwarning = _show_warning
+            if args.command in ("search", "train"):
+                use_compile_cache(args.compile_cache)
             {"search": _search, "train": _train, "show": _show}[args.command](args)
         return 0
     except (ValueError, FloatingPointError, OSError) as e:

@@ -1,5 +1,11 @@
+import os
+
 import jax
 import pytest
+
+# In-process CLI runs must not switch on the persistent compilation cache for the rest of the
+# session (tests that check the cache pass --compile-cache DIR to a subprocess).
+os.environ["DARTS_EQX_COMPILE_CACHE"] = "off"
 
 # Implicit rank promotion hides shape bugs; make it an error in the tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -149,6 +149,7 @@ BAD_ARGUMENTS = [
     (["--dataset", "missing/data.npz"], r"data path 'missing/data.npz' does not exist"),
     (["--allow-change", "channels"], r"argument --allow-change: invalid choice: 'channels'"),
     (["--resume"], r"--resume needs --out DIR"),
+    (["--compile-cache", os.path.abspath(__file__)], r"--compile-cache '.*test_bad_input\.py' is not a directory"),
     (["--colour", "red"], r"unrecognized arguments: --colour red"),
     (["--devices", "3"], r"devices \(=3\) must lie in \[1, 1\]: this run sees 1 cpu device\(s\)"),
     (["--coordinator", "localhost:1"], r"--coordinator, --num-processes and --process-id go together"),

@@ -29,24 +29,40 @@ def dataset(tmp_path_factory):
     return str(path)
 
 
-def cli(*args):
-    return [sys.executable, "-m", "darts_eqx._cli", "search", *args]
-
-
-def run(*args):
-    done = subprocess.run(cli(*args), capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stderr
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(dataset, tmp_path_factory):
+def cli(compile_cache):
+    # Every run here compiles the same chunk: the first fills the persistent compilation cache,
+    # the later ones load its executable (and must still give the same bytes as the first).
+    def cli(*args):
+        return [sys.executable, "-m", "darts_eqx._cli", "search", "--compile-cache", str(compile_cache), *args]
+
+    return cli
+
+
+@pytest.fixture(scope="module")
+def run(cli):
+    def run(*args):
+        done = subprocess.run(cli(*args), capture_output=True, text=True, timeout=600)
+        return done.returncode, done.stderr
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, run, compile_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     code, err = run("--dataset", dataset, *ARGS, "--out", str(out))
     assert code == 0, err
+    assert any(compile_cache.iterdir()), "the search compiled nothing into --compile-cache"
     return out
 
 
-def test_sigkill_mid_epoch_then_resume_is_byte_identical(dataset, uninterrupted, tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_byte_identical(dataset, uninterrupted, cli, run, tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen(
         cli("--dataset", dataset, *ARGS, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -71,7 +87,7 @@ def test_sigkill_mid_epoch_then_resume_is_byte_identical(dataset, uninterrupted,
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
-def test_resume_with_a_damaged_newest_checkpoint_warns_and_falls_back(uninterrupted, tmp_path):
+def test_resume_with_a_damaged_newest_checkpoint_warns_and_falls_back(uninterrupted, run, tmp_path):
     out = tmp_path / "run"
     import shutil
 
@@ -87,7 +103,7 @@ def test_resume_with_a_damaged_newest_checkpoint_warns_and_falls_back(uninterrup
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
 
 
-def test_resume_refuses_another_runs_options_and_new_runs_refuse_used_folders(dataset, uninterrupted, tmp_path):
+def test_resume_refuses_another_runs_options_and_new_runs_refuse_used_folders(dataset, uninterrupted, run, tmp_path):
     from darts_eqx._cli import main
 
     out = tmp_path / "run"
