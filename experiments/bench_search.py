@@ -42,7 +42,11 @@ def main():
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS K (1: plain DARTS)")
-    parser.add_argument("--shared-trace", action="store_true", help="first order: one traced gradient, gated")
+    parser.add_argument(
+        "--shared-trace",
+        action="store_true",
+        help="one traced gradient per step (order 1, or 2 with finite_difference)",
+    )
     a = parser.parse_args()
     config = SearchConfig(
         space=a.space,

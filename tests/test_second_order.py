@@ -113,3 +113,40 @@ def test_second_order_search_runs_in_one_compiled_chunk():
     second = dx.search(jax.random.key(5), data, order=2, **options)  # 3 chunks x 2 epochs, one trace
     assert all(np.isfinite(h["val_loss"]) and np.isfinite(h["a_grad_norm"]) for h in second.history)
     assert not np.allclose(first.supernet.alpha.logits, second.supernet.alpha.logits, rtol=0, atol=1e-7)
+
+
+def test_shared_trace_second_order_step_equals_the_separately_traced_step():
+    # shared_trace with finite differences: one traced gradient for the virtual step, the gradient
+    # at w', the two at w+- (kernel gradients gated off) and the weight step, as a five-phase scan.
+    # From a state with a momentum buffer, with an alpha regulariser: the same step as four traces.
+    from darts_eqx._search import SearchState, arch_optimizer, search_step, second_order_gradient
+
+    config = SearchConfig(space="seed", channels=4, layers=1, batch_size=8, order=2, estimator="finite_difference")
+    x, y = (jnp.asarray(a) for a in tiny_arrays(n=16, size=8))
+    model = build_supernet(config, x.shape[1:], 10, key=jax.random.key(2))
+    arch, weights, static = dx.split_arch(model)
+    w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
+    train, val = (x[:8], y[:8]), (x[8:], y[8:])
+    unrolled = second_order_gradient(config, 4)
+
+    def reg(arch, step):
+        return 0.5 * sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(arch))
+
+    @eqx.filter_jit
+    def step(state, shared):
+        return search_step(state, static, w_opt, a_opt, train, val, unrolled, arch_reg=reg, shared_trace=shared)
+
+    state = SearchState(
+        weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), jax.random.key(3)
+    )
+    state, _ = step(state, False)  # a momentum buffer for the virtual step
+    got, got_metrics = step(state, True)
+    want, want_metrics = step(state, False)
+    np.testing.assert_allclose(flat(got.arch), flat(want.arch), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat(got.weights), flat(want.weights), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_metrics, want_metrics):
+        np.testing.assert_allclose(a, b, rtol=1e-4)
+    assert int(got.step) == 2
+    exact = second_order_gradient(config.replace(estimator="exact"), 4)
+    with pytest.raises(ValueError, match="shared_trace with a second-order gradient needs .* 'finite_difference'"):
+        search_step(state, static, w_opt, a_opt, train, val, exact, shared_trace=True)
