@@ -285,9 +285,9 @@ def search_step(
     supernet's gradient once for all its phases (first order: the alpha and the weight step;
     second order with finite differences: the virtual step, the gradient at w', the two at w+-
     and the weight step), the CPU's canonical convolutions gating their kernel gradients off in
-    the phases that need alpha's gradient alone. Measured at C=8, layers=5, batch 32, it compiles
-    ~22% (first order) and ~43% (second order) faster and runs ~15% slower than separate traces
-    (the default)."""
+    the phases that need alpha's gradient alone. It compiles 26% (first order) and 46% (second
+    order) faster at C=16, layers=8 and runs 5-16% slower at C=8, layers=5 than separate traces
+    (the default; figures in experiments/README.md)."""
 
     def view(arch):
         return arch if arch_view is None else arch_view(arch, state.step)
