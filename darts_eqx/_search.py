@@ -384,12 +384,12 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
     if buffer is None:
         buffer = jax.tree.map(jnp.zeros_like, state.weights)
     zeros = jax.tree.map(jnp.zeros_like, (state.weights, state.arch))
-    t, v = train_batch, val_batch
-    batches = jax.tree.map(lambda t, v: jnp.stack([t, v, t, t, t]), t, v)
+    batches = jax.tree.map(lambda t, v: jnp.stack([t, v, t, t, t]), train_batch, val_batch)
     kernel_gradients = jnp.array([1.0, 1.0, 0.0, 0.0, 1.0])
     shift = jnp.array([0.0, 0.0, 1.0, -1.0, 0.0])  # w +- eps grad_w in phases 2 and 3
+    dtype = jax.tree.leaves(state.weights)[0].dtype
     # metrics: train loss, train acc, val loss, val acc, |w grad|, |alpha grad|
-    carry = (state, state.weights, zeros[0], zeros[1], zeros[1], jnp.ones((), jnp.float32), jnp.zeros(6))
+    carry = (state, state.weights, zeros[0], zeros[1], zeros[1], jnp.ones((), dtype), jnp.zeros(6, dtype))
 
     def phase(carry, inputs):
         state, unrolled_w, g_w, g_arch, g_plus, eps, metrics = carry
