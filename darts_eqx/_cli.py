@@ -120,7 +120,8 @@ def _compile_cache_option(parser) -> None:
         metavar="DIR|off",
         help="keep compiled XLA programs in DIR, so a run with the same shapes and options (a resume, "
         "another seed) skips XLA's compile (default: $DARTS_EQX_COMPILE_CACHE, else "
-        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/darts_eqx/xla, at most 2 GiB; off: compile every time)",
+        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /darts_eqx/xla, at most 2 GiB; "
+        "off: compile every time)",
     )
 
 
@@ -130,22 +131,27 @@ def default_compile_cache() -> str:
 
 
 def use_compile_cache(path: str | None) -> str | None:
-    """Turn on JAX's persistent compilation cache at `path` ("off": leave it off; None:
+    """Turn on JAX's persistent compilation cache at `path` ("off": turn it off; None:
     `$DARTS_EQX_COMPILE_CACHE`, else JAX's own `$JAX_COMPILATION_CACHE_DIR`, else
     `default_compile_cache()`), before anything compiles. XLA's compile of a search chunk takes
     about a minute on CPU; JAX keys each entry by the program, compile options, backend and
-    versions, so a hit is the same executable. Returns the directory in use."""
+    versions, so a hit is the same executable. Our own directories are bounded to 2 GiB (LRU); a
+    directory of JAX's own settings keeps its settings. Returns the directory in use."""
     import jax
 
-    if path is None:
-        path = os.environ.get("DARTS_EQX_COMPILE_CACHE") or jax.config.jax_compilation_cache_dir
-        path = path or default_compile_cache()
-    if path == "off":
+    source = "--compile-cache"
+    if path is None and os.environ.get("DARTS_EQX_COMPILE_CACHE"):
+        path, source = os.environ["DARTS_EQX_COMPILE_CACHE"], "$DARTS_EQX_COMPILE_CACHE"
+    if path is not None and path.strip().lower() == "off":
+        jax.config.update("jax_enable_compilation_cache", False)  # also over $JAX_COMPILATION_CACHE_DIR
         return None
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir  # the user's own JAX setting, as it is
+    path = default_compile_cache() if path is None else os.path.expanduser(path)
     if not path.strip():
-        raise ValueError("--compile-cache needs a directory (or off)")
+        raise ValueError(f"{source} needs a directory (or off), got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--compile-cache {path!r} is not a directory")
+        raise ValueError(f"{source} {path!r} is not a directory")
     jax.config.update("jax_compilation_cache_dir", path)
     if jax.config.jax_compilation_cache_max_size == -1:  # unbounded: bound it (LRU eviction)
         jax.config.update("jax_compilation_cache_max_size", 2 * 1024**3)

@@ -379,17 +379,18 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
 
     Same arithmetic as the separately traced form (tested)."""
     config = unrolled.config
-    xi = unrolled.xi(state)
+    dtype = jax.tree.leaves(state.weights)[0].dtype
+    xi = jnp.asarray(unrolled.xi(state), dtype)
     buffer = momentum_buffer(state.w_opt_state)
     if buffer is None:
         buffer = jax.tree.map(jnp.zeros_like, state.weights)
     zeros = jax.tree.map(jnp.zeros_like, (state.weights, state.arch))
     batches = jax.tree.map(lambda t, v: jnp.stack([t, v, t, t, t]), train_batch, val_batch)
-    kernel_gradients = jnp.array([1.0, 1.0, 0.0, 0.0, 1.0])
-    shift = jnp.array([0.0, 0.0, 1.0, -1.0, 0.0])  # w +- eps grad_w in phases 2 and 3
-    dtype = jax.tree.leaves(state.weights)[0].dtype
+    kernel_gradients = jnp.array([1.0, 1.0, 0.0, 0.0, 1.0], dtype)
+    shift = jnp.array([0.0, 0.0, 1.0, -1.0, 0.0], dtype)  # w +- eps grad_w in phases 2 and 3
     # metrics: train loss, train acc, val loss, val acc, |w grad|, |alpha grad|
-    carry = (state, state.weights, zeros[0], zeros[1], zeros[1], jnp.ones((), dtype), jnp.zeros(6, dtype))
+    wide = jnp.promote_types(dtype, jnp.float32)
+    carry = (state, state.weights, zeros[0], zeros[1], zeros[1], jnp.ones((), dtype), jnp.zeros(6, wide))
 
     def phase(carry, inputs):
         state, unrolled_w, g_w, g_arch, g_plus, eps, metrics = carry
@@ -408,7 +409,8 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
             return (state, w1, *c[2:])
 
         def at_unrolled(c):
-            return (state, unrolled_w, gw, ga, g_plus, 0.01 / optax.tree.norm(gw), metrics.at[2:4].set((loss, acc)))
+            eps_ = (0.01 / optax.tree.norm(gw)).astype(dtype)
+            return (state, unrolled_w, gw, ga, g_plus, eps_, metrics.at[2:4].set((loss, acc)))
 
         def at_plus(c):
             return (*c[:4], ga, *c[5:])
