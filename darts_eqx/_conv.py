@@ -96,8 +96,9 @@ def kernel_gradient_gate(gate):
     """While tracing inside this context, canonical convolutions compute their kernel gradient
     only when the traced scalar `gate` is nonzero (a `lax.cond`; zeros otherwise), their input
     gradient always. `search_step(shared_trace=True)` traces one gradient of (weights, alpha) for
-    both its alpha and its weight phase and gates the kernel gradients off in the alpha phase, so
-    XLA compiles the supernet's backward pass once (experiments/README.md has the trade-off)."""
+    all the phases of a step and gates the kernel gradients off in those that need alpha's
+    gradient alone, so XLA compiles the supernet's backward pass once (experiments/README.md has
+    the trade-off)."""
     _GATES.append(gate)
     try:
         yield

@@ -35,7 +35,14 @@ from ._guards import aux_skip_view, beta_regularizer, grew, hessian_eigenvalue, 
 from ._loss import supernet_loss
 from ._mixed import combine_arch, split_arch
 from ._network import SearchNetwork, SeedNetwork, reduction_layers
-from ._second_order import ESTIMATORS, arch_gradient, momentum_buffer
+from ._second_order import (
+    ESTIMATORS,
+    arch_gradient,
+    finite_difference_gradient,
+    finite_difference_step,
+    momentum_buffer,
+    unrolled_weights,
+)
 from ._spaces import get_space
 from ._version import __version__
 from .nb201 import NB201Genotype
@@ -381,9 +388,8 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
     config = unrolled.config
     dtype = jax.tree.leaves(state.weights)[0].dtype
     xi = jnp.asarray(unrolled.xi(state), dtype)
+    step = dict(xi=xi, momentum=config.w_momentum, weight_decay=config.w_weight_decay)
     buffer = momentum_buffer(state.w_opt_state)
-    if buffer is None:
-        buffer = jax.tree.map(jnp.zeros_like, state.weights)
     zeros = jax.tree.map(jnp.zeros_like, (state.weights, state.arch))
     batches = jax.tree.map(lambda t, v: jnp.stack([t, v, t, t, t]), train_batch, val_batch)
     kernel_gradients = jnp.array([1.0, 1.0, 0.0, 0.0, 1.0], dtype)
@@ -404,20 +410,17 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
             )((weights, arch))
 
         def virtual(c):
-            m, wd = config.w_momentum, config.w_weight_decay
-            w1 = jax.tree.map(lambda w, g, b: w - xi * (m * b + g + wd * w), state.weights, gw, buffer)
-            return (state, w1, *c[2:])
+            return (state, unrolled_weights(state.weights, gw, buffer=buffer, **step), *c[2:])
 
         def at_unrolled(c):
-            eps_ = (0.01 / optax.tree.norm(gw)).astype(dtype)
+            eps_ = finite_difference_step(gw).astype(dtype)
             return (state, unrolled_w, gw, ga, g_plus, eps_, metrics.at[2:4].set((loss, acc)))
 
         def at_plus(c):
             return (*c[:4], ga, *c[5:])
 
         def at_minus(c):
-            hessian = jax.tree.map(lambda gp, gm: (gp - gm) / (2 * eps), g_plus, ga)
-            a_grads = _regularised(jax.tree.map(lambda g, h: g - xi * h, g_arch, hessian), state, arch_reg)
+            a_grads = _regularised(finite_difference_gradient(g_arch, g_plus, ga, eps, xi), state, arch_reg)
             return (_alpha_update(state, a_opt, a_grads), *c[1:6], metrics.at[5].set(optax.tree.norm(a_grads)))
 
         def weight_step(c):

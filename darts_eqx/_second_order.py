@@ -32,12 +32,28 @@ def momentum_buffer(opt_state):
     return found[0].trace if found else None
 
 
-def virtual_step(weights, arch, static, train_batch, *, xi, momentum: float, weight_decay: float, buffer=None):
-    """w' = w - xi * (momentum * buffer + grad_w L_train(w, alpha) + weight_decay * w)."""
-    grads = jax.grad(lambda w: supernet_loss(arch, w, static, *train_batch)[0])(weights)
+def unrolled_weights(weights, grads, *, xi, momentum: float, weight_decay: float, buffer=None):
+    """w' = w - xi * (momentum * buffer + grads + weight_decay * w): the weight optimiser's step
+    without clipping, from the gradient `grads` at w."""
     if buffer is None:
         buffer = jax.tree.map(jnp.zeros_like, weights)
     return jax.tree.map(lambda w, g, b: w - xi * (momentum * b + g + weight_decay * w), weights, grads, buffer)
+
+
+def virtual_step(weights, arch, static, train_batch, *, xi, momentum: float, weight_decay: float, buffer=None):
+    """w' = w - xi * (momentum * buffer + grad_w L_train(w, alpha) + weight_decay * w)."""
+    grads = jax.grad(lambda w: supernet_loss(arch, w, static, *train_batch)[0])(weights)
+    return unrolled_weights(weights, grads, xi=xi, momentum=momentum, weight_decay=weight_decay, buffer=buffer)
+
+
+def finite_difference_step(g_weights):
+    """eps of Eq. 8: the shift w +- eps grad_w' L_val has norm 0.01."""
+    return 0.01 / optax.tree.norm(g_weights)
+
+
+def finite_difference_gradient(g_arch, g_plus, g_minus, eps, xi):
+    """Eq. 8: grad_alpha L_val(w') - xi * (grad_alpha L_train(w+) - grad_alpha L_train(w-)) / (2 eps)."""
+    return jax.tree.map(lambda g, p, m: g - xi * ((p - m) / (2 * eps)), g_arch, g_plus, g_minus)
 
 
 def arch_gradient(
@@ -76,7 +92,7 @@ def arch_gradient(
     metrics, (g_arch, g_weights) = jax.value_and_grad(supernet_loss, argnums=(0, 1), has_aux=True)(
         arch, unrolled_weights, static, *val_batch
     )
-    eps = 0.01 / optax.tree.norm(g_weights)
+    eps = finite_difference_step(g_weights)
     # The two gradients at w+ and w- run as one `lax.map` over the sign: one traced (and compiled)
     # copy of the supernet's backward pass instead of two, the same arithmetic.
     signs = jnp.array([1.0, -1.0], eps.dtype)
@@ -86,5 +102,5 @@ def arch_gradient(
         return jax.grad(lambda a: supernet_loss(a, shifted, static, *train_batch)[0])(arch)
 
     g_both = jax.lax.map(arch_grad_at, signs)
-    hessian_term = jax.tree.map(lambda g: (g[0] - g[1]) / (2 * eps), g_both)
-    return metrics, jax.tree.map(lambda g, h: g - xi * h, g_arch, hessian_term)
+    g_plus, g_minus = jax.tree.map(lambda g: g[0], g_both), jax.tree.map(lambda g: g[1], g_both)
+    return metrics, finite_difference_gradient(g_arch, g_plus, g_minus, eps, xi)
