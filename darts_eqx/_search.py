@@ -45,6 +45,7 @@ from ._second_order import (
 )
 from ._spaces import get_space
 from ._version import __version__
+from ._xla import loop_compiler_options
 from .nb201 import NB201Genotype
 
 
@@ -475,7 +476,7 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None
     constrain = _parallel.batch_constraint(mesh)
 
     # A retrace would mean a recompile per chunk (minutes on CPU): make it an error, not a slowdown.
-    @eqx.filter_jit(donate="all-except-first")
+    @eqx.filter_jit(donate="all-except-first", compiler_options=loop_compiler_options())
     @eqx.debug.assert_max_traces(max_traces=1)
     def chunk(inputs, state):
         images, labels, train_idx, val_idx = inputs
