@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("exact", "finite_difference"),
         help="second order: differentiate through the virtual step (exact, default) or the paper's finite difference",
     )
+    s.add_argument(
+        "--shared-trace",
+        action="store_true",
+        default=None,
+        help="trace the supernet's gradient once per step (first order, or order 2 with finite_difference): "
+        "compiles faster, runs a little slower",
+    )
     s.add_argument("--beta-reg", type=float, help="beta-DARTS regularisation strength (ramped from 0; default off)")
     s.add_argument("--aux-skip", type=float, help="DARTS-: auxiliary skip weight, decaying to 0 (paper: 1)")
     s.add_argument(
@@ -182,6 +189,7 @@ _CONFIG_OPTIONS = (
     "hessian",
     "early_stop_factor",
     "early_stop_window",
+    "shared_trace",
 )
 
 

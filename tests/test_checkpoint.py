@@ -79,6 +79,22 @@ def test_resume_with_other_chunking_is_bit_exact(plain, run_dir):
     assert_same_search(plain, resumed)
 
 
+def test_checkpoint_without_a_newer_option_resumes_at_its_default(plain, run_dir):
+    # Checkpoints written before `shared_trace` existed lack it in their config: they ran with the
+    # default, so they resume; the same checkpoint then refuses a search that sets it.
+    shutil.rmtree(run_dir / "step-000000012")
+    path = run_dir / "step-000000010" / "manifest.json"
+    saved = manifest(path.parent)
+    del saved["config"]["shared_trace"]
+    saved["manifest_sha256"] = _checkpoint._manifest_digest(saved)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(dx.CheckpointError, match=r"shared_trace \(checkpoint False, now True\)"):
+        options = dict(checkpoint_dir=run_dir, checkpoint_every=2, resume=True, shared_trace=True)
+        dx.search(jax.random.key(KEY), DATA, **options, **OPTIONS)
+    resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=run_dir, checkpoint_every=2, resume=True, **OPTIONS)
+    assert_same_search(plain, resumed)
+
+
 def test_resuming_a_finished_search_returns_it(plain, run_dir):
     resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=run_dir, checkpoint_every=2, resume=True, **OPTIONS)
     assert_same_search(plain, resumed)
@@ -112,6 +128,7 @@ def test_no_loadable_checkpoint_is_an_error_naming_each(run_dir):
         (KEY, DATA, dict(channels=8), r"config differs in channels \(checkpoint 4, now 8\)$"),
         (KEY, DATA, dict(space="darts", layers=2), r"layers \(checkpoint 1, now 2\), space \(checkpoint 'seed'"),
         (KEY, DATA, dict(epochs=5), r"epochs \(checkpoint 3, now 5\); to change \['epochs'\] on purpose, allow"),
+        (KEY, DATA, dict(shared_trace=True), r"config differs in shared_trace \(checkpoint False, now True\)$"),
         (KEY, dx.data.from_arrays(*tiny_arrays(n=128, seed=1)), {}, r"the data set differs"),
         (KEY + 1, DATA, {}, r"the key \(seed\) differs"),
     ],

@@ -118,12 +118,22 @@ def test_divergence_stops_the_search_with_a_message():
         (dict(order=3), r"`order` \(=3\) must be 1 \(first order\) or 2"),
         (dict(order=2, estimator="newton"), r"`estimator` \(=.newton.\) must be one of"),
         (dict(layers=3), "divisible by 4"),
+        (dict(order=2, shared_trace=True), r"`shared_trace` with order 2 needs estimator 'finite_difference'"),
     ],
 )
 def test_bad_options_fail_before_compiling(options, message):
     x, y = tiny_arrays(n=96, size=6)
     with pytest.raises(ValueError, match=message):
         dx.search(jax.random.key(0), (x, y), **{"channels": 4, "layers": 1, "epochs": 1, "batch_size": 16, **options})
+
+
+def test_non_bool_shared_trace_is_an_error():
+    # The suite's runtime type checker rejects it at the annotation; without one (as users run it)
+    # `__post_init__` must, or a truthy string would switch the option on.
+    config = SearchConfig()
+    object.__setattr__(config, "shared_trace", "yes")
+    with pytest.raises(ValueError, match=r"`shared_trace` \(='yes'\) must be True or False"):
+        config.__post_init__()
 
 
 def test_donated_state_is_not_reused():
@@ -139,6 +149,18 @@ def test_donated_state_is_not_reused():
         progress=False,
     )
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(eqx.filter(r.supernet, eqx.is_array)))
+
+
+def test_shared_trace_search_is_the_same_search():
+    # The config option reaches the step: same search up to rounding, and the option is recorded.
+    data = dx.data.from_arrays(*tiny_arrays())
+    options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
+    plain = dx.search(jax.random.key(3), data, **options)
+    shared = dx.search(jax.random.key(3), data, shared_trace=True, **options)
+    np.testing.assert_allclose(shared.supernet.alpha.logits, plain.supernet.alpha.logits, rtol=1e-4, atol=1e-6)
+    for a, b in zip(shared.history, plain.history):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
+    assert shared.config.shared_trace and not plain.config.shared_trace
 
 
 def test_shared_trace_step_equals_the_two_trace_step(getkey):
