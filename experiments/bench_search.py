@@ -6,11 +6,14 @@
 `--layers` is the cell count for `darts`, cells per stage for `nb201` (the benchmark's N=5).
 
 `compile_s` is the first call of a chunk (compile included) minus one chunk's run time;
-`steps_per_s` is timed over a second chunk of `--steps` steps.
+`steps_per_s` is timed over a second chunk of `--steps` steps. `peak_rss_mb` includes XLA's
+compiler (most of it at small configs); run again with the same `--compile-cache DIR` to measure
+the search without compiling (`compile_cache_hit`: the program came from that cache).
 """
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import darts_eqx as dx
+from darts_eqx._cli import use_compile_cache
 from darts_eqx._search import (
     SearchConfig,
     SearchState,
@@ -47,7 +51,14 @@ def main():
         action="store_true",
         help="one traced gradient per step (order 1, or 2 with finite_difference)",
     )
+    parser.add_argument("--compile-cache", help="JAX persistent compilation cache directory (default: none)")
     a = parser.parse_args()
+    if a.compile_cache:
+        use_compile_cache(a.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        entries_before = len(os.listdir(a.compile_cache)) if os.path.isdir(a.compile_cache) else 0
+    else:
+        jax.config.update("jax_enable_compilation_cache", False)
     config = SearchConfig(
         space=a.space,
         channels=a.C,
@@ -95,6 +106,10 @@ def main():
                 "steps_per_s": a.steps / run,
                 "compile_s": first - run,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                # a run whose programs all came from the cache adds no entry to it
+                "compile_cache_hit": (
+                    None if not a.compile_cache else len(os.listdir(a.compile_cache)) == entries_before
+                ),
                 "backend": jax.default_backend(),
                 "loss_finite": bool(np.all(np.isfinite(np.asarray(m.train_loss)))),
             }
