@@ -87,8 +87,8 @@ class SearchConfig:
       `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
     - `shared_trace`: trace the supernet's gradient once per step for all its phases (first order,
       or second order with `finite_difference`; see `search_step`). The same search up to
-      floating-point rounding; on CPU it compiles 25-45% faster and runs 5-16% slower, so it pays
-      for short searches and large networks.
+      floating-point rounding; on CPU it compiles 16-26% (first order) and 38-46% (second order)
+      faster and runs 5-20% slower, so it pays for short searches and large networks.
     """
 
     space: str = "darts"
@@ -148,8 +148,9 @@ class SearchConfig:
             raise ValueError(f"`order` (={self.order!r}) must be 1 (first order) or 2 (unrolled, second order)")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` (={self.estimator!r}) must be one of {ESTIMATORS}")
-        if not isinstance(self.shared_trace, bool):
-            raise ValueError(f"`shared_trace` (={self.shared_trace!r}) must be True or False")
+        for name in ("shared_trace", "hessian"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be True or False")
         if self.shared_trace and self.order == 2 and self.estimator != "finite_difference":
             raise ValueError(
                 f"`shared_trace` with order 2 needs estimator 'finite_difference', not {self.estimator!r} "
@@ -305,9 +306,9 @@ def search_step(
     supernet's gradient once for all its phases (first order: the alpha and the weight step;
     second order with finite differences: the virtual step, the gradient at w', the two at w+-
     and the weight step), the CPU's canonical convolutions gating their kernel gradients off in
-    the phases that need alpha's gradient alone. It compiles 26% (first order) and 46% (second
-    order) faster at C=16, layers=8 and runs 5-16% slower at C=8, layers=5 than separate traces
-    (the default; figures in experiments/README.md)."""
+    the phases that need alpha's gradient alone. It compiles 16-26% (first order) and 38-46%
+    (second order) faster at C=16, layers=8 and runs 5-20% slower at C=8, layers=5 than separate
+    traces (the default; figures in experiments/README.md)."""
 
     def view(arch):
         return arch if arch_view is None else arch_view(arch, state.step)
@@ -535,6 +536,9 @@ def _progress(total: int, initial: int, enabled: bool | None):
 # Fields that may differ between a checkpoint and the search resuming it, when asked for by name:
 # more (or fewer, but not fewer than done) epochs continue the same search on a longer schedule.
 SAFE_TO_CHANGE = ("epochs",)
+# Search options added after checkpoints existed, with the value that reproduces how searches
+# without them ran; a checkpoint that lacks one compares as that value.
+ADDED_AFTER_CHECKPOINTS = {"shared_trace": False}
 DEFAULT_CHECKPOINT_EVERY = 100
 
 
@@ -583,9 +587,9 @@ def _unsaved(saved: SearchState, impl: str) -> SearchState:
 
 def _check_resumable(path: str, manifest: dict, expected: dict, allow_changes) -> None:
     """Raise `CheckpointError` naming every way the checkpoint at `path` is not this search's."""
-    # An option added after the checkpoint was written ran there at its default.
-    old = {**dataclasses.asdict(SearchConfig()), **manifest.get("config", {})}
-    new = expected["config"]
+    old, new = manifest.get("config", {}), expected["config"]
+    if old:  # written before an option existed: it ran as that option's value below does
+        old = {**ADDED_AFTER_CHECKPOINTS, **old}
     differing = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     blocked = [k for k in differing if k not in allow_changes]
     problems = []
@@ -639,7 +643,8 @@ def search(
       `checkpoint_every` steps and at the end of each epoch (the two newest are kept).
     - `resume`: continue from the newest intact checkpoint in `checkpoint_dir` (an older one, with a
       `CheckpointWarning`, if the newest is damaged; a fresh start if there is none). The result is
-      bit-for-bit that of the same search never interrupted. A checkpoint of another config, data
+      bit-for-bit that of the same search never interrupted (same jax/darts_eqx versions and XLA
+      settings: a different compiler may round differently). A checkpoint of another config, data
       set or key is a `CheckpointError` naming the differences; `allow_changes=("epochs",)` accepts
       a different number of epochs.
     - `devices`: data-parallel search over this many of `jax.devices()` (or a list of devices;

@@ -53,12 +53,10 @@ def main():
     )
     parser.add_argument("--compile-cache", help="JAX persistent compilation cache directory (default: none)")
     a = parser.parse_args()
-    if a.compile_cache:
-        use_compile_cache(a.compile_cache)
+    cache = use_compile_cache(a.compile_cache or "off")
+    if cache:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        entries_before = len(os.listdir(a.compile_cache)) if os.path.isdir(a.compile_cache) else 0
-    else:
-        jax.config.update("jax_enable_compilation_cache", False)
+        entries_before = len(os.listdir(cache)) if os.path.isdir(cache) else 0
     config = SearchConfig(
         space=a.space,
         channels=a.C,
@@ -67,6 +65,7 @@ def main():
         partial_channels=a.partial_channels,
         order=a.order,
         estimator=a.estimator,
+        shared_trace=a.shared_trace,
     )
     key = jax.random.key(0)
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
@@ -79,7 +78,7 @@ def main():
     labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
     arch_grad = second_order_gradient(config, 100) if a.order == 2 else None
-    chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad, shared_trace=a.shared_trace)
+    chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad, shared_trace=config.shared_trace)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     start = time.perf_counter()
     state, m = chunk(inputs, state)
@@ -102,14 +101,12 @@ def main():
                 "image": a.image,
                 "steps": a.steps,
                 "partial_channels": a.partial_channels,
-                "shared_trace": a.shared_trace,
+                "shared_trace": config.shared_trace,
                 "steps_per_s": a.steps / run,
                 "compile_s": first - run,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 # a run whose programs all came from the cache adds no entry to it
-                "compile_cache_hit": (
-                    None if not a.compile_cache else len(os.listdir(a.compile_cache)) == entries_before
-                ),
+                "compile_cache_hit": (None if not cache else len(os.listdir(cache)) == entries_before),
                 "backend": jax.default_backend(),
                 "loss_finite": bool(np.all(np.isfinite(np.asarray(m.train_loss)))),
             }

@@ -50,11 +50,15 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and "batch_size (=5000)" in capsys.readouterr().err
 
 
-def test_darts_search_draws_its_cells_and_alphas(tmp_path):
+def test_darts_search_with_shared_trace_draws_its_cells_and_alphas(tmp_path):
     x, y = tiny_arrays(n=64)
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
     out = tmp_path / "run"
     args = ["search", "--dataset", str(tmp_path / "d.npz"), "--space", "darts", "--epochs", "1", "--batch-size", "16"]
-    assert main([*args, "--channels", "2", "--layers", "1", "--out", str(out)]) == 0  # one (reduction) cell: cheap
+    # one (reduction) cell: cheap; with the one-traced-gradient step, which runs the gated
+    # kernel gradients of the fused darts cell
+    assert main([*args, "--channels", "2", "--layers", "1", "--shared-trace", "--out", str(out)]) == 0
     for name in ("normal.png", "reduce.png", "alphas.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
+    assert json.loads((out / "config.json").read_text())["shared_trace"] is True
+    assert all(np.isfinite(h["train_loss"]) for h in json.loads((out / "history.json").read_text()))

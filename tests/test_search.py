@@ -127,12 +127,13 @@ def test_bad_options_fail_before_compiling(options, message):
         dx.search(jax.random.key(0), (x, y), **{"channels": 4, "layers": 1, "epochs": 1, "batch_size": 16, **options})
 
 
-def test_non_bool_shared_trace_is_an_error():
+@pytest.mark.parametrize("name", ["shared_trace", "hessian"])
+def test_non_bool_switch_is_an_error(name):
     # The suite's runtime type checker rejects it at the annotation; without one (as users run it)
     # `__post_init__` must, or a truthy string would switch the option on.
     config = SearchConfig()
-    object.__setattr__(config, "shared_trace", "yes")
-    with pytest.raises(ValueError, match=r"`shared_trace` \(='yes'\) must be True or False"):
+    object.__setattr__(config, name, "yes")
+    with pytest.raises(ValueError, match=rf"`{name}` \(='yes'\) must be True or False"):
         config.__post_init__()
 
 
@@ -151,16 +152,24 @@ def test_donated_state_is_not_reused():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(eqx.filter(r.supernet, eqx.is_array)))
 
 
-def test_shared_trace_search_is_the_same_search():
-    # The config option reaches the step: same search up to rounding, and the option is recorded.
+def test_shared_trace_search_is_the_same_search(monkeypatch):
+    # The config option reaches the step (the gated step is what gets traced) and gives the same
+    # search up to rounding.
+    from darts_eqx import _search
+
+    traced = []
+    gated = _search._gated_first_order_step
+    monkeypatch.setattr(_search, "_gated_first_order_step", lambda *a: traced.append(1) or gated(*a))
     data = dx.data.from_arrays(*tiny_arrays())
     options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
     plain = dx.search(jax.random.key(3), data, **options)
+    assert not traced
     shared = dx.search(jax.random.key(3), data, shared_trace=True, **options)
+    assert traced and shared.config.shared_trace
     np.testing.assert_allclose(shared.supernet.alpha.logits, plain.supernet.alpha.logits, rtol=1e-4, atol=1e-6)
+    assert len(shared.history) == len(plain.history) == 2
     for a, b in zip(shared.history, plain.history):
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
-    assert shared.config.shared_trace and not plain.config.shared_trace
 
 
 def test_shared_trace_step_equals_the_two_trace_step(getkey):

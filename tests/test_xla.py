@@ -2,7 +2,10 @@
 
 import jax
 import pytest
+from helpers import tiny_arrays
 
+import darts_eqx as dx
+from darts_eqx import _search, _train, _xla
 from darts_eqx._xla import loop_compiler_options
 
 
@@ -14,7 +17,6 @@ def test_cpu_chunks_compile_with_the_fast_compile_preset(monkeypatch):
         assert options is None
         return
     assert options == {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}
-    # XLA accepts it (an unknown value would fail to compile, see below)
     assert float(jax.jit(lambda x: x * 2, compiler_options=options)(1.5)) == 3.0
 
 
@@ -22,8 +24,14 @@ def test_the_preset_can_be_turned_off_and_a_users_own_is_kept(monkeypatch):
     monkeypatch.setenv("DARTS_EQX_XLA_PRESET", "default")
     assert loop_compiler_options() is None
     monkeypatch.setenv("DARTS_EQX_XLA_PRESET", "fast_compile")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME")
-    assert loop_compiler_options() is None
+    for flags in ("--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME", "--flagfile=/etc/xla.flags"):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        assert loop_compiler_options() is None
+
+
+def test_an_xla_without_the_option_gets_none():
+    # XLA rejects an unknown value (as an older XLA rejects the option): no options, not a failed compile
+    assert not _xla._accepted((("xla_cpu_opt_preset", "CPU_OPT_PRESET_NO_SUCH"),))
 
 
 def test_bad_preset_names_the_value(monkeypatch):
@@ -31,3 +39,18 @@ def test_bad_preset_names_the_value(monkeypatch):
     message = r"DARTS_EQX_XLA_PRESET \(='turbo'\) must be one of \['default', 'fast_compile'\]"
     with pytest.raises(ValueError, match=message):
         loop_compiler_options()
+
+
+def test_search_and_training_chunks_are_compiled_with_the_options(monkeypatch):
+    # A value XLA rejects must reach the compile of each chunk, so the options are passed.
+    bogus = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_NO_SUCH"}
+    monkeypatch.setattr(_search, "loop_compiler_options", lambda: bogus)
+    monkeypatch.setattr(_train, "loop_compiler_options", lambda: bogus)
+    data = dx.data.from_arrays(*tiny_arrays(n=32))
+    with pytest.raises(Exception, match="CPU_OPT_PRESET_NO_SUCH"):
+        dx.search(jax.random.key(0), data, space="seed", channels=4, layers=1, epochs=1, batch_size=16, progress=False)
+    genotype = dx.GENOTYPES["DARTS_V2"]
+    data = tiny_arrays(n=16, size=8) + tiny_arrays(n=8, size=8)
+    with pytest.raises(Exception, match="CPU_OPT_PRESET_NO_SUCH"):
+        options = dict(channels=4, layers=3, epochs=1, batch_size=8, auxiliary=False, progress=False)
+        dx.train(jax.random.key(0), genotype, data, **options)
