@@ -40,6 +40,7 @@ from ._second_order import (
     arch_gradient,
     finite_difference_gradient,
     finite_difference_step,
+    finite_difference_weights,
     momentum_buffer,
     unrolled_weights,
 )
@@ -416,7 +417,7 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
         state, unrolled_w, g_w, g_arch, g_plus, eps, metrics = carry
         p, gate, sign, (x, y) = inputs
         base = jax.tree.map(lambda u, w: jnp.where(p == 1, u, w), unrolled_w, state.weights)
-        weights = jax.tree.map(lambda b, g: b + sign * eps * g, base, g_w)
+        weights = finite_difference_weights(base, g_w, sign, eps)  # sign 0 outside phases 2, 3
         arch = jax.tree.map(lambda a, b: jnp.where(p == 4, a, b), view(state.arch), state.arch)
         with kernel_gradient_gate(gate):
             (loss, acc), (gw, ga) = eqx.filter_value_and_grad(

@@ -51,6 +51,11 @@ def finite_difference_step(g_weights):
     return 0.01 / optax.tree.norm(g_weights)
 
 
+def finite_difference_weights(weights, g_weights, sign, eps):
+    """w+ (sign 1) or w- (sign -1) of Eq. 8: w + sign * eps * grad_w' L_val."""
+    return jax.tree.map(lambda w, g: w + sign * eps * g, weights, g_weights)
+
+
 def finite_difference_gradient(g_arch, g_plus, g_minus, eps, xi):
     """Eq. 8: grad_alpha L_val(w') - xi * (grad_alpha L_train(w+) - grad_alpha L_train(w-)) / (2 eps)."""
     return jax.tree.map(lambda g, p, m: g - xi * ((p - m) / (2 * eps)), g_arch, g_plus, g_minus)
@@ -98,7 +103,7 @@ def arch_gradient(
     signs = jnp.array([1.0, -1.0], eps.dtype)
 
     def arch_grad_at(sign):
-        shifted = jax.tree.map(lambda w, g: w + sign * eps * g, weights, g_weights)
+        shifted = finite_difference_weights(weights, g_weights, sign, eps)
         return jax.grad(lambda a: supernet_loss(a, shifted, static, *train_batch)[0])(arch)
 
     g_both = jax.lax.map(arch_grad_at, signs)

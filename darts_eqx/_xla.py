@@ -26,15 +26,14 @@ def loop_compiler_options() -> dict[str, str] | None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_cpu_opt_preset" in flags or "--flagfile" in flags:
         return None
-    options = {"xla_cpu_opt_preset": _PRESETS[choice]}
-    return options if _accepted(tuple(options.items())) else None
+    return {"xla_cpu_opt_preset": _PRESETS[choice]} if _accepted(_PRESETS[choice]) else None
 
 
 @functools.cache
-def _accepted(options: tuple) -> bool:
-    """Whether this XLA knows the options (older jaxlibs lack the preset): a tiny compile, once."""
+def _accepted(preset: str) -> bool:
+    """Whether this XLA knows the preset (older jaxlibs lack the option): a tiny compile, once."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options={"xla_cpu_opt_preset": preset}).lower(1.0).compile()
     except Exception:  # noqa: BLE001 - XLA reports an unknown option as a generic runtime error
         return False
     return True
