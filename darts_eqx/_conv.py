@@ -8,8 +8,10 @@ VJP whose two backward convolutions are written canonically by hand, so a convol
 same inside `lax.scan` as outside. Elsewhere the plain autodiff rule is used. A custom VJP has no
 forward-mode rule: `jax.jvp`/`jax.hessian` through these convolutions need `DARTS_EQX_CONV=native`
 (set before tracing), which gives JAX's own rules at their in-loop cost. XLA:CPU's grouped
-(depthwise) convolution is slow in both directions (jax-ml/jax#13800), so a depthwise convolution
-followed by a pointwise one is computed as one dense convolution with the composed kernel.
+(depthwise) convolution is slow in both directions (jax-ml/jax#13800), so on CPU a depthwise
+convolution runs as a small C++ kernel through the XLA FFI (`depthwise_conv2d_edges`, built by
+`_native`), or, where it cannot be built, a depthwise convolution followed by a pointwise one is
+computed as one dense convolution with the composed kernel.
 """
 
 import contextlib
@@ -18,9 +20,12 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
+
+from . import _native
 
 _IMPLS = ("native", "canonical")
 CONV_OUTPUT = "darts_eqx_conv"  # checkpoint name of the canonical convolutions' outputs
@@ -175,6 +180,96 @@ def depthwise_conv2d(
     )
 
 
+def uses_depthwise_kernel(x: Array) -> bool:
+    """Whether depthwise convolutions of `x` traced now go through the C++ kernel: on CPU, with
+    the canonical formulation, float32, unless `DARTS_EQX_DEPTHWISE=composed`."""
+    return x.dtype == jnp.float32 and conv_impl() == "canonical" and _native.use_depthwise_kernel()
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"input of size {size} is too small for a {kernel}x{kernel} window with dilation {dilation}, "
+            f"stride {stride} and padding {padding}"
+        )
+    return out
+
+
+def _kernel_call(name: str, shape, geometry, *args):
+    stride, padding, dilation = (np.int64(v) for v in geometry)
+    call = jax.ffi.ffi_call(
+        _native.TARGETS[name][0], jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(*args, stride=stride, padding=padding, dilation=dilation)
+
+
+# The kernel's three functions are bilinear and each one's VJP is made of the other two, so the
+# derivatives of every order that DARTS takes (the exact second-order step differentiates the
+# weight gradient) stay on the kernel. `gate` is `kernel_gradient_gate`'s scalar, or None.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _depthwise(x, kernels, gate, geometry):
+    (b, h, w, c), (e, k) = x.shape, kernels.shape[:2]
+    shape = (e, b, _output_size(h, k, *geometry), _output_size(w, k, *geometry), c)
+    return _kernel_call("forward", shape, geometry, x, kernels)
+
+
+def _depthwise_fwd(x, kernels, gate, geometry):
+    return _depthwise(x, kernels, gate, geometry), (x, kernels, gate)
+
+
+def _depthwise_bwd(geometry, residuals, g):
+    x, kernels, gate = residuals
+    dx = _depthwise_gradient(kernels, g, x.shape, geometry, "input_gradient")
+
+    def kernel_gradient():
+        return _depthwise_gradient(x, g, kernels.shape, geometry, "kernel_gradient")
+
+    if gate is None:
+        return dx, kernel_gradient(), None
+    return dx, lax.cond(gate != 0, kernel_gradient, lambda: jnp.zeros_like(kernels)), jnp.zeros_like(gate)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_gradient(operand, g, shape, geometry, wrt: str):
+    """`_depthwise`'s VJP of cotangent `g` with respect to `wrt`: "input_gradient" (`operand` is
+    the kernels) or "kernel_gradient" (`operand` is the input); `shape` is the result's."""
+    return _kernel_call(wrt, shape, geometry, operand, g)
+
+
+def _gradient_fwd(operand, g, shape, geometry, wrt):
+    return _depthwise_gradient(operand, g, shape, geometry, wrt), (operand, g)
+
+
+def _gradient_bwd(shape, geometry, wrt, residuals, u):
+    operand, g = residuals
+    if wrt == "input_gradient":  # u is an input cotangent, operand the kernels
+        return _depthwise_gradient(u, g, operand.shape, geometry, "kernel_gradient"), _depthwise(
+            u, operand, None, geometry
+        )
+    return _depthwise_gradient(u, g, operand.shape, geometry, "input_gradient"), _depthwise(operand, u, None, geometry)
+
+
+_depthwise_gradient.defvjp(_gradient_fwd, _gradient_bwd)
+
+
+def depthwise_conv2d_edges(
+    x: Float[Array, "b h w c"],
+    kernels: Float[Array, "e k k c"],
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> Float[Array, "e b ho wo c"]:
+    """Depthwise convolutions of one input by `e` kernels (one per DARTS edge), edges first,
+    through the C++ kernel (check `uses_depthwise_kernel` first). Inside `kernel_gradient_gate`
+    the kernel gradient is gated as the canonical convolutions' is."""
+    out = _depthwise(x, kernels, _GATES[-1] if _GATES else None, (stride, padding, dilation))
+    return checkpoint_name(out, CONV_OUTPUT)
+
+
 def separable_kernel(
     depthwise: Float[Array, "k k cin"], pointwise: Float[Array, "cin cout"]
 ) -> Float[Array, "k k cin cout"]:
@@ -191,13 +286,16 @@ def separable_conv2d(
     dilation: int = 1,
     impl: str | None = None,
 ) -> Float[Array, "b ho wo cout"]:
-    """Depthwise k x k convolution then pointwise 1x1 convolution, as one dense convolution with
-    the composed kernel: k*k*cin*cout multiply-adds per pixel instead of k*k*cin + cin*cout, but a
-    single fast kernel on XLA:CPU instead of its slow grouped convolution and an extra pass.
-    With `impl="native"` (accelerators) the two convolutions are applied in turn."""
+    """Depthwise k x k convolution then pointwise 1x1 convolution. On CPU the depthwise one is the
+    C++ kernel where it is built; otherwise the pair is one dense convolution with the composed
+    kernel (k*k*cin*cout multiply-adds per pixel instead of k*k*cin + cin*cout, but one fast XLA:CPU
+    kernel instead of its slow grouped convolution). With `impl="native"` (accelerators) the two
+    convolutions are XLA's own, applied in turn."""
     impl = impl or conv_impl()
     if impl == "native":
         return pointwise_conv(depthwise_conv2d(x, depthwise, stride, padding, dilation), pointwise)
+    if impl == "canonical" and uses_depthwise_kernel(x):
+        return pointwise_conv(depthwise_conv2d_edges(x, depthwise[None], stride, padding, dilation)[0], pointwise)
     return conv2d(x, separable_kernel(depthwise, pointwise), stride, padding, dilation, impl)
 
 

@@ -32,7 +32,16 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, check_partial_channels, edge_index, preprocess
-from ._conv import CONV_OUTPUT, avg_pool, conv2d, max_pool, pointwise_conv, separable_kernel
+from ._conv import (
+    CONV_OUTPUT,
+    avg_pool,
+    conv2d,
+    depthwise_conv2d_edges,
+    max_pool,
+    pointwise_conv,
+    separable_conv2d,
+    uses_depthwise_kernel,
+)
 from ._mixed import MixedOp, partial_channel_merge
 from ._ops import (
     DilConv,
@@ -52,6 +61,15 @@ from ._spaces import DARTS_SPACE
 _CONV_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 _KERNEL = {"sep_conv_3x3": 3, "sep_conv_5x5": 5, "dil_conv_3x3": 3, "dil_conv_5x5": 5}
 _DILATION = {"sep_conv_3x3": 1, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_5x5": 2}
+
+
+def _edge_batch_norm(x: Float[Array, "e b h w c"], eps: float = 1e-5) -> Float[Array, "e b h w c"]:
+    """`batch_norm` per edge and channel of edges-first outputs (the same matrix-vector sums)."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    average = jnp.full((rows.shape[1],), 1.0 / rows.shape[1], x.dtype)
+    centred = rows - jnp.einsum("n,enc->ec", average, rows)[:, None, :]
+    var = jnp.einsum("n,enc->ec", average, jnp.square(centred))
+    return (centred * lax.rsqrt(var + eps)[:, None, :]).reshape(x.shape)
 
 
 def _edge_kernels(depthwise: Float[Array, "e k k c"], pointwise: Float[Array, "e c d"]) -> Float[Array, "k k c e*d"]:
@@ -126,16 +144,30 @@ class SourceOps(eqx.Module):
             (self.dil3_dw, self.dil3_pw),
             (self.dil5_dw, self.dil5_pw),
         )
-        stage1 = [
-            batch_norm(conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]))
-            for op, (dw, pw) in zip(_CONV_OPS, firsts)
-        ]
+        if uses_depthwise_kernel(x):
+            # With the C++ depthwise kernel: every edge's depthwise convolution in one call, edges
+            # first, then each edge's pointwise matrix as one batched matmul.
+            per_edge = [
+                _edge_batch_norm(
+                    jnp.einsum(
+                        "ebhwc,ecd->ebhwd",
+                        depthwise_conv2d_edges(r, dw, s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]),
+                        pw,
+                    )
+                )
+                for op, (dw, pw) in zip(_CONV_OPS, firsts)
+            ]
+        else:
+            stage1 = [
+                batch_norm(conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]))
+                for op, (dw, pw) in zip(_CONV_OPS, firsts)
+            ]
 
-        # Everything after stage 1 is per edge: one `lax.scan` over the edges keeps the program
-        # (hence XLA's compile time) independent of the edge count. Its inputs are the stage-1
-        # outputs edges first, so each step reads one contiguous block.
-        b, ho, wo = stage1[0].shape[:3]
-        per_edge = [jnp.moveaxis(y.reshape(b, ho, wo, e, c), 3, 0) for y in stage1]
+            # Everything after stage 1 is per edge: one `lax.scan` over the edges keeps the program
+            # (hence XLA's compile time) independent of the edge count. Its inputs are the stage-1
+            # outputs edges first, so each step reads one contiguous block.
+            b, ho, wo = stage1[0].shape[:3]
+            per_edge = [jnp.moveaxis(y.reshape(b, ho, wo, e, c), 3, 0) for y in stage1]
         max_out, avg_out = batch_norm(max_pool(x, s)), batch_norm(avg_pool(x, s))
         if s == 2:
             r_even, r_odd = r[:, ::2, ::2], r[:, 1::2, 1::2]
@@ -146,8 +178,8 @@ class SourceOps(eqx.Module):
         def edge_out(_, inputs):
             (sep3, sep5, dil3, dil5), (dw3, pw3, dw5, pw5), skip_i, w = inputs
             # Stage 2 of the two sep convs.
-            z3 = batch_norm(conv2d(jax.nn.relu(sep3), separable_kernel(dw3, pw3), 1, 1))
-            z5 = batch_norm(conv2d(jax.nn.relu(sep5), separable_kernel(dw5, pw5), 1, 2))
+            z3 = batch_norm(separable_conv2d(jax.nn.relu(sep3), dw3, pw3, 1, 1))
+            z5 = batch_norm(separable_conv2d(jax.nn.relu(sep5), dw5, pw5, 1, 2))
             if skip_i is None:
                 skip = x
             else:

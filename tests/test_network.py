@@ -9,6 +9,7 @@ import pytest
 from helpers import conv_impl, random_images, tree_allclose
 
 import darts_eqx as dx
+from darts_eqx._conv import uses_depthwise_kernel
 from darts_eqx._fused import SourceOps
 
 
@@ -65,9 +66,13 @@ def test_fused_cells_compute_the_per_edge_cells(tiny_pair):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("depthwise", ["kernel", "composed"])
 @pytest.mark.parametrize("stride,edges", [(2, 3), (1, 2)])
-def test_fused_source_gradients_match_per_edge_mixed_ops(getkey, stride, edges):
-    # All edges leaving one state: fused SourceOps vs one plain MixedOp per edge, same weights.
+def test_fused_source_gradients_match_per_edge_mixed_ops(getkey, stride, edges, depthwise, monkeypatch):
+    # All edges leaving one state: fused SourceOps vs one plain MixedOp per edge, same weights,
+    # with the C++ depthwise kernel and with the composed dense kernels (its fallback).
+    monkeypatch.setenv("DARTS_EQX_DEPTHWISE", depthwise)
+    assert uses_depthwise_kernel(jnp.zeros(1)) == (depthwise == "kernel")
     ops = SourceOps(4, edges, stride, key=getkey())
     mixed = [dx.MixedOp(dx.DARTS_SPACE, 4, stride, key=getkey()) for _ in range(edges)]
     mixed = [
