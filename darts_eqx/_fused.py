@@ -4,19 +4,21 @@ Every edge that leaves one state applies the same candidate ops to the same inpu
 computes them together:
 - parameter-free ops (max/avg pool + non-affine BN, identity) once per source, shared by its edges;
 - the first stage (ReLU, depthwise, pointwise) of sep_conv_3x3/5x5 and dil_conv_3x3/5x5 on every
-  edge: per op one dense convolution of the shared input whose kernel is each edge's depthwise
-  kernel times its pointwise matrix, edges side by side on the output axis; one BN for all of them
-  (statistics stay per edge and channel, so nothing changes);
-- everything after that is per edge (the sep convs' second stage, one dense composed convolution
-  each, and the weighted sum of the eight ops) inside one `lax.scan` over the edges, so the
-  program does not grow with the edge count; op outputs are never concatenated along the
-  channel axis (XLA:CPU copies such concatenates with rows of C floats).
+  edge: on CPU, per op one call of the C++ depthwise kernel with every edge's kernel (edges first)
+  and one batched matmul with the edges' pointwise matrices; where that kernel is not built, and
+  on accelerators, per op one dense convolution of the shared input whose kernel is each edge's
+  depthwise kernel times its pointwise matrix, edges side by side on the output axis; one BN for
+  all of them (statistics stay per edge and channel, so nothing changes);
+- everything after that is per edge (the sep convs' second stage and the weighted sum of the
+  eight ops) inside one `lax.scan` over the edges, so the program does not grow with the edge
+  count; op outputs are never concatenated along the channel axis (XLA:CPU copies such
+  concatenates with rows of C floats).
 
 XLA:CPU runs dense convolutions near the machine's peak and grouped (depthwise) ones 5-10x slower
-than that, so the composed kernels' extra multiply-adds are cheaper than the grouped convolutions
-they replace (experiments/README.md has the figures). Accelerators get the same composed kernels
-(cheap at search widths there, though at c=64, k=5 they are ~18x the multiply-adds of depthwise +
-pointwise). The cell is also ~7x smaller as a program than
+than that; the C++ kernel does the depthwise multiply-adds alone and is about twice as fast as the
+composed dense kernels in the whole step (experiments/README.md has the figures). Accelerators get
+the composed kernels (cheap at search widths there, though at c=64, k=5 they are ~18x the
+multiply-adds of depthwise + pointwise). The cell is also ~7x smaller as a program than
 per-edge mixed ops (XLA's compile time follows program size). It computes exactly what the
 per-edge `SearchCell` computes: `FusedCell.reference()` builds that cell with the same weights, and
 the tests compare the two (the reference traced with plain grouped convolutions).

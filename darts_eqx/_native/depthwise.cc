@@ -60,12 +60,52 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
   while (counters->done.load() < n) std::this_thread::yield();
 }
 
-// k[e, i, j, :] repeated across the Wo output columns: a row the stride-1 loops multiply elementwise.
-std::vector<float> tiled_kernels(const float* k, const Geometry& g) {
-  std::vector<float> t(g.E * g.K * g.K * g.Wo * g.C);
+// k[e, i, j, :] repeated across `columns` columns: a row the stride-1 loops multiply elementwise.
+std::vector<float> tiled_kernels(const float* k, const Geometry& g, int64_t columns) {
+  std::vector<float> t(g.E * g.K * g.K * columns * g.C);
   for (int64_t tap = 0; tap < g.E * g.K * g.K; ++tap)
-    for (int64_t wo = 0; wo < g.Wo; ++wo) std::memcpy(&t[(tap * g.Wo + wo) * g.C], k + tap * g.C, g.C * sizeof(float));
+    for (int64_t w = 0; w < columns; ++w) std::memcpy(&t[(tap * columns + w) * g.C], k + tap * g.C, g.C * sizeof(float));
   return t;
+}
+
+// out[n] (+)= sum_t a[t][n] * b[t][n] for n in [0, len). Blocks of 64 outputs are summed in
+// registers over all terms, so a product costs two loads (row after row it costs three and a
+// store); the terms are added in their given order, the same on every run.
+void sum_of_products(float* out, int64_t len, const float* const* a, const float* const* b, int64_t terms,
+                     bool accumulate) {
+  typedef float v16 __attribute__((vector_size(64)));  // GCC/Clang vectors: AVX-512, or pairs of AVX2
+  constexpr int64_t V = 4, L = 16 * V;
+  auto load = [](const float* p) {
+    v16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  int64_t n = 0;
+  for (; n + L <= len; n += L) {
+    v16 acc[V];
+    for (int64_t u = 0; u < V; ++u) acc[u] = accumulate ? load(out + n + 16 * u) : v16{};
+    for (int64_t t = 0; t < terms; ++t) {
+      const float* ap = a[t] + n;
+      const float* bp = b[t] + n;
+      for (int64_t u = 0; u < V; ++u) acc[u] += load(ap + 16 * u) * load(bp + 16 * u);
+    }
+    for (int64_t u = 0; u < V; ++u) std::memcpy(out + n + 16 * u, &acc[u], sizeof(v16));
+  }
+  if (n < len) {
+    const int64_t r = len - n;
+    float acc[L];
+    for (int64_t v = 0; v < r; ++v) acc[v] = accumulate ? out[n + v] : 0.0f;
+    for (int64_t t = 0; t < terms; ++t)
+      for (int64_t v = 0; v < r; ++v) acc[v] += a[t][n + v] * b[t][n + v];
+    for (int64_t v = 0; v < r; ++v) out[n + v] = acc[v];
+  }
+}
+
+// One [H, W, C] image inside a zero border of `pad` pixels: [H + 2 pad, W + 2 pad, C].
+void pad_image(const float* src, int64_t H, int64_t W, int64_t C, int64_t pad, std::vector<float>& dst) {
+  const int64_t wp = W + 2 * pad;
+  dst.assign((H + 2 * pad) * wp * C, 0.0f);
+  for (int64_t h = 0; h < H; ++h) std::memcpy(&dst[((h + pad) * wp + pad) * C], src + h * W * C, W * C * sizeof(float));
 }
 
 Geometry geometry(const int64_t* xd, const int64_t* kd, int64_t s, int64_t p, int64_t d) {
@@ -75,13 +115,81 @@ Geometry geometry(const int64_t* xd, const int64_t* kd, int64_t s, int64_t p, in
   return g;
 }
 
+// Stride-1 forms: each image (or cotangent) is first copied into a zero border, so every tap
+// covers a whole output row and a row is one `sum_of_products` over the taps.
+
+void forward_stride1(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const float* kp, float* yp) {
+  const int64_t row = g.Wo * g.C, wp = g.W + 2 * g.p, taps = g.K * g.K;
+  std::vector<float> tiles = tiled_kernels(kp, g, g.Wo);
+  parallel_for(pool, g.B, [&](int64_t b) {
+    std::vector<float> image;
+    pad_image(xp + b * g.H * g.W * g.C, g.H, g.W, g.C, g.p, image);
+    std::vector<const float*> a(taps), k(taps);
+    for (int64_t e = 0; e < g.E; ++e)
+      for (int64_t ho = 0; ho < g.Ho; ++ho) {
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t i = t / g.K, j = t % g.K;
+          a[t] = image.data() + ((ho + i * g.d) * wp + j * g.d) * g.C;
+          k[t] = tiles.data() + (e * taps + t) * row;
+        }
+        sum_of_products(yp + ((e * g.B + b) * g.Ho + ho) * row, row, a.data(), k.data(), taps, false);
+      }
+  });
+}
+
+// dx[h, w] = sum over edges and taps of dy[e, h + p - i d, w + p - j d] k[e, i, j]: with the
+// cotangent in a border of q = d (K - 1) - p (so this form needs p <= d (K - 1)), a gather.
+void input_gradient_stride1(ffi::ThreadPool& pool, const Geometry& g, const float* kp, const float* gp, float* xp) {
+  const int64_t q = g.d * (g.K - 1) - g.p, wq = g.Wo + 2 * q, taps = g.K * g.K;
+  std::vector<float> tiles = tiled_kernels(kp, g, g.W);
+  parallel_for(pool, g.B, [&](int64_t b) {
+    std::vector<std::vector<float>> padded(g.E);
+    for (int64_t e = 0; e < g.E; ++e) pad_image(gp + (e * g.B + b) * g.Ho * g.Wo * g.C, g.Ho, g.Wo, g.C, q, padded[e]);
+    std::vector<const float*> a(g.E * taps), k(g.E * taps);
+    for (int64_t h = 0; h < g.H; ++h) {
+      for (int64_t e = 0; e < g.E; ++e)
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t i = t / g.K, j = t % g.K;
+          a[e * taps + t] = padded[e].data() + ((h + (g.K - 1 - i) * g.d) * wq + (g.K - 1 - j) * g.d) * g.C;
+          k[e * taps + t] = tiles.data() + (e * taps + t) * g.W * g.C;
+        }
+      sum_of_products(xp + (b * g.H + h) * g.W * g.C, g.W * g.C, a.data(), k.data(), g.E * taps, false);
+    }
+  });
+}
+
+// Per edge and fixed block of images, per tap, the products summed over output rows in one
+// `sum_of_products` (terms: the rows); blocks are added in a fixed order by the caller.
+void kernel_gradient_stride1(ffi::ThreadPool& pool, const Geometry& g, const float* xp, const float* gp,
+                             int64_t blocks, float* partial) {
+  const int64_t row = g.Wo * g.C, wp = g.W + 2 * g.p, taps = g.K * g.K;
+  parallel_for(pool, g.E * blocks, [&](int64_t item) {
+    const int64_t e = item / blocks, block = item % blocks;
+    std::vector<float> image;
+    std::vector<const float*> a(g.Ho), d(g.Ho);
+    for (int64_t b = block * g.B / blocks; b < (block + 1) * g.B / blocks; ++b) {
+      pad_image(xp + b * g.H * g.W * g.C, g.H, g.W, g.C, g.p, image);
+      for (int64_t ho = 0; ho < g.Ho; ++ho) d[ho] = gp + ((e * g.B + b) * g.Ho + ho) * row;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t i = t / g.K, j = t % g.K;
+        for (int64_t ho = 0; ho < g.Ho; ++ho) a[ho] = image.data() + ((ho + i * g.d) * wp + j * g.d) * g.C;
+        sum_of_products(partial + (item * taps + t) * row, row, a.data(), d.data(), g.Ho, true);
+      }
+    }
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, int64_t dilation) {
   Geometry g = geometry(x.dimensions().begin(), k.dimensions().begin(), stride, padding, dilation);
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
-  std::vector<float> tiles = tiled_kernels(kp, g);
+  if (g.s == 1) {
+    forward_stride1(pool, g, xp, kp, yp);
+    return ffi::Error::Success();
+  }
+  std::vector<float> tiles = tiled_kernels(kp, g, g.Wo);
   const int64_t row = g.Wo * g.C;
   parallel_for(pool, g.E * g.B, [&](int64_t item) {
     const int64_t e = item / g.B, b = item % g.B;
@@ -122,7 +230,11 @@ ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buf
   const float* kp = k.typed_data();
   const float* gp = dy.typed_data();
   float* xp = dx->typed_data();
-  std::vector<float> tiles = tiled_kernels(kp, g);
+  if (g.s == 1 && g.p <= g.d * (g.K - 1)) {
+    input_gradient_stride1(pool, g, kp, gp, xp);
+    return ffi::Error::Success();
+  }
+  std::vector<float> tiles = tiled_kernels(kp, g, g.Wo);
   const int64_t row = g.Wo * g.C;
   // One item per image: every edge's cotangent scatters into the same input gradient.
   parallel_for(pool, g.B, [&](int64_t b) {
@@ -169,7 +281,8 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   // added up in a fixed order at the end: the result does not depend on which thread ran what.
   const int64_t blocks = std::min<int64_t>(g.B, 8);
   std::vector<float> partial(g.E * blocks * taps * row, 0.0f);
-  parallel_for(pool, g.E * blocks, [&](int64_t item) {
+  if (g.s == 1) kernel_gradient_stride1(pool, g, xp, gp, blocks, partial.data());
+  else parallel_for(pool, g.E * blocks, [&](int64_t item) {
     const int64_t e = item / blocks, block = item % blocks;
     float* sums = partial.data() + item * taps * row;
     for (int64_t b = block * g.B / blocks; b < (block + 1) * g.B / blocks; ++b) {
