@@ -18,7 +18,17 @@ from darts_eqx._conv import (
 )
 
 # (kernel, stride, padding, dilation): every geometry of the DARTS ops, and a few that are not
-GEOMETRIES = [(3, 1, 1, 1), (5, 1, 2, 1), (3, 2, 1, 1), (5, 2, 2, 1), (3, 1, 2, 2), (5, 2, 4, 2), (3, 1, 0, 1)]
+# (no padding; more padding than the window, which takes the kernel's general stride-1 path)
+GEOMETRIES = [
+    (3, 1, 1, 1),
+    (5, 1, 2, 1),
+    (3, 2, 1, 1),
+    (5, 2, 2, 1),
+    (3, 1, 2, 2),
+    (5, 2, 4, 2),
+    (3, 1, 0, 1),
+    (3, 1, 3, 1),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +42,8 @@ def _reference(x, kernels, stride, padding, dilation):
 
 
 @pytest.mark.parametrize("k,stride,padding,dilation", GEOMETRIES)
-@pytest.mark.parametrize("shape,edges", [((2, 8, 8, 3), 2), ((3, 7, 9, 1), 1), ((2, 9, 8, 8), 3)])
+# Rows of 24, 9 and 80 floats: the kernel sums blocks of 64 and a remainder
+@pytest.mark.parametrize("shape,edges", [((2, 8, 8, 3), 2), ((3, 7, 9, 1), 1), ((2, 9, 10, 8), 3)])
 def test_kernel_matches_grouped_convolution(getkey, k, stride, padding, dilation, shape, edges):
     x = jax.random.normal(getkey(), shape)
     kernels = jax.random.normal(getkey(), (edges, k, k, shape[-1]))
