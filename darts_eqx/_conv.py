@@ -10,8 +10,9 @@ forward-mode rule: `jax.jvp`/`jax.hessian` through these convolutions need `DART
 (set before tracing), which gives JAX's own rules at their in-loop cost. XLA:CPU's grouped
 (depthwise) convolution is slow in both directions (jax-ml/jax#13800), so on CPU a depthwise
 convolution runs as a small C++ kernel through the XLA FFI (`depthwise_conv2d_edges`, built by
-`_native`), or, where it cannot be built, a depthwise convolution followed by a pointwise one is
-computed as one dense convolution with the composed kernel.
+`_native`) followed by a matmul; where that kernel is not built (or in a data-parallel search), a
+depthwise convolution followed by a pointwise one is one dense convolution with the composed
+kernel.
 """
 
 import contextlib
@@ -180,10 +181,28 @@ def depthwise_conv2d(
     )
 
 
+_KERNEL_OFF = []  # pushed by `without_depthwise_kernel` while a step is being traced
+
+
+@contextlib.contextmanager
+def without_depthwise_kernel():
+    """Trace with the composed dense kernels instead of the C++ depthwise kernel inside this
+    context. The data-parallel search uses it: the FFI call has no partitioning rule, so XLA
+    would gather the whole batch onto every device to run it."""
+    _KERNEL_OFF.append(True)
+    try:
+        yield
+    finally:
+        _KERNEL_OFF.pop()
+
+
 def uses_depthwise_kernel(x: Array) -> bool:
     """Whether depthwise convolutions of `x` traced now go through the C++ kernel: on CPU, with
-    the canonical formulation, float32, unless `DARTS_EQX_DEPTHWISE=composed`."""
-    return x.dtype == jnp.float32 and conv_impl() == "canonical" and _native.use_depthwise_kernel()
+    the canonical formulation, float32, unless `DARTS_EQX_DEPTHWISE=composed` or inside
+    `without_depthwise_kernel`."""
+    if _KERNEL_OFF or x.dtype != jnp.float32 or conv_impl() != "canonical":
+        return False
+    return _native.use_depthwise_kernel()
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -263,9 +282,18 @@ def depthwise_conv2d_edges(
     padding: int = 0,
     dilation: int = 1,
 ) -> Float[Array, "e b ho wo c"]:
-    """Depthwise convolutions of one input by `e` kernels (one per DARTS edge), edges first,
-    through the C++ kernel (check `uses_depthwise_kernel` first). Inside `kernel_gradient_gate`
-    the kernel gradient is gated as the canonical convolutions' is."""
+    """Depthwise convolutions of one float32 input by `e` kernels (one per DARTS edge), edges
+    first, through the C++ kernel (CPU; `uses_depthwise_kernel` says whether it is built).
+    Inside `kernel_gradient_gate` the kernel gradient is gated as the canonical convolutions' is."""
+    if x.ndim != 4 or kernels.ndim != 4 or kernels.shape[1] != kernels.shape[2] or kernels.shape[3] != x.shape[3]:
+        raise ValueError(
+            f"depthwise_conv2d_edges needs x [b, h, w, c] and kernels [e, k, k, c], got {x.shape} and {kernels.shape}"
+        )
+    if x.dtype != jnp.float32 or kernels.dtype != jnp.float32:
+        raise ValueError(f"the depthwise kernel is float32 only, got {x.dtype} and {kernels.dtype}")
+    if stride < 1 or dilation < 1 or padding < 0:
+        raise ValueError(f"stride (={stride}) and dilation (={dilation}) must be >= 1, padding (={padding}) >= 0")
+    _native.require_depthwise_kernel()
     out = _depthwise(x, kernels, _GATES[-1] if _GATES else None, (stride, padding, dilation))
     return checkpoint_name(out, CONV_OUTPUT)
 

@@ -42,6 +42,7 @@ from ._conv import (
     max_pool,
     pointwise_conv,
     separable_conv2d,
+    separable_kernel,
     uses_depthwise_kernel,
 )
 from ._mixed import MixedOp, partial_channel_merge
@@ -137,8 +138,9 @@ class SourceOps(eqx.Module):
         on XLA:CPU every such concatenate (and every elementwise pass over [.., edges, channels]
         with a broadcast weight) is a strided copy with 8-float rows at C=8 (experiments/README.md)."""
         e, s, c = self.edges, self.stride, self.channels
-        # Stage 1 of the four conv ops: per op, one dense convolution of relu(x) to every edge's
-        # (depthwise o pointwise) output at once, edges side by side on the channel axis.
+        # Stage 1 of the four conv ops: per op, every edge's (depthwise o pointwise) output of
+        # relu(x) at once (the C++ depthwise kernel, or one dense convolution with the edges'
+        # composed kernels side by side on the output axis).
         r = jax.nn.relu(x)
         firsts = (
             (self.sep3_dw1, self.sep3_pw1),
@@ -177,11 +179,17 @@ class SourceOps(eqx.Module):
         else:
             skip_weights = None
 
+        def second_stage(y, dw, pw, padding):
+            # The C++ kernel then a matmul, else (also on accelerators) one composed dense conv.
+            if uses_depthwise_kernel(y):
+                return separable_conv2d(y, dw, pw, 1, padding)
+            return conv2d(y, separable_kernel(dw, pw), 1, padding)
+
         def edge_out(_, inputs):
             (sep3, sep5, dil3, dil5), (dw3, pw3, dw5, pw5), skip_i, w = inputs
             # Stage 2 of the two sep convs.
-            z3 = batch_norm(separable_conv2d(jax.nn.relu(sep3), dw3, pw3, 1, 1))
-            z5 = batch_norm(separable_conv2d(jax.nn.relu(sep5), dw5, pw5, 1, 2))
+            z3 = batch_norm(second_stage(jax.nn.relu(sep3), dw3, pw3, 1))
+            z5 = batch_norm(second_stage(jax.nn.relu(sep5), dw5, pw5, 2))
             if skip_i is None:
                 skip = x
             else:

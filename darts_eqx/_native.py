@@ -4,12 +4,14 @@ XLA:CPU has no fast depthwise convolution, and a dense convolution with the comp
 depthwise-times-pointwise kernel does k*k*c*c multiply-adds per pixel where k*k*c + c*c are needed.
 The kernel is a few loops over contiguous rows, reached through the XLA FFI, so it runs inside
 the scan-fused search like any XLA op. It is compiled once per machine and jaxlib with the
-system's C++ compiler (`$CXX`, else `c++`, `g++` or `clang++`) against the FFI headers jaxlib ships,
-and cached under `$XDG_CACHE_HOME` or `~/.cache`, `/darts_eqx/native`.
+system's C++ compiler (`$CXX`, else `c++`, `g++` or `clang++`) against the FFI headers jaxlib ships
+(a few seconds), and cached under `$XDG_CACHE_HOME` or `~/.cache`, `/darts_eqx/native` (or a
+per-user folder in the temporary directory when that cannot be written). It needs a jax with
+`jax.ffi` and FFI thread pools (0.10 has them); an older one falls back as below.
 
 `DARTS_EQX_DEPTHWISE` picks the formulation on CPU: `auto` (the default: the kernel when it
 builds, else the composed dense convolution, with one logged warning), `kernel` (the kernel or a
-clear error) or `composed` (XLA only). Accelerators keep XLA's own grouped convolution.
+clear error) or `composed` (XLA only). Accelerators use XLA's own convolutions.
 """
 
 import ctypes
@@ -18,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -43,10 +46,15 @@ def depthwise_mode() -> str:
     return mode
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The C++ compiler command: `$CXX` (which may carry arguments, e.g. `ccache g++`), else the
+    first of c++, g++, clang++ on the PATH."""
+    if os.environ.get("CXX"):
+        command = shlex.split(os.environ["CXX"])
+        return command if command and shutil.which(command[0]) else None
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
+            return [shutil.which(name)]
     return None
 
 
@@ -61,26 +69,39 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def library_path(compiler: str) -> str:
-    """Where the kernel built by `compiler` for this machine, jaxlib and source is cached."""
+def _library_name(compiler: list[str]) -> str:
+    """The file name of the kernel built by `compiler` for this source, jaxlib, compiler version
+    and CPU."""
     import jaxlib
 
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
     digest = hashlib.sha256()
     with open(_SOURCE, "rb") as f:
         digest.update(f.read())
-    for part in (jaxlib.__version__, compiler, " ".join(_FLAGS), platform.machine(), _cpu_identity()):
+    parts = (jaxlib.__version__, " ".join(compiler), version, " ".join(_FLAGS), platform.machine(), _cpu_identity())
+    for part in parts:
         digest.update(part.encode())
+    return f"depthwise-{digest.hexdigest()[:16]}.so"
+
+
+def cache_dirs() -> list[str]:
+    """Where built kernels are kept: `$XDG_CACHE_HOME` or `~/.cache`, `/darts_eqx/native`, and
+    a per-user folder in the temporary directory for when that one cannot be written."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "darts_eqx", "native", f"depthwise-{digest.hexdigest()[:16]}.so")
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return [os.path.join(base, "darts_eqx", "native"), os.path.join(tempfile.gettempdir(), f"darts_eqx-native-{user}")]
 
 
-def _build(compiler: str, path: str) -> None:
+def _build(compiler: list[str], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Built beside its final name and renamed into place: processes building at once (test
     # workers, data-parallel hosts) each get a complete library.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=os.path.dirname(path))
     os.close(fd)
-    command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", partial]
+    command = [*compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", partial]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -91,35 +112,70 @@ def _build(compiler: str, path: str) -> None:
             os.remove(partial)
 
 
-@functools.cache
-def _load() -> str | None:
-    """Build (once per machine) and register the kernel; None, with the reason logged, when it
-    cannot be built here."""
+def _register(path: str) -> None:
+    library = ctypes.cdll.LoadLibrary(path)
+    for target, symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+
+
+def _build_and_register() -> str:
     compiler = _compiler()
-    try:
-        if compiler is None:
-            raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
-        path = library_path(compiler)
-        if not os.path.exists(path):
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler found ($CXX={os.environ.get('CXX')!r}, c++, g++, clang++)")
+    name, errors = _library_name(compiler), []
+    for directory in cache_dirs():
+        path = os.path.join(directory, name)
+        try:
+            if os.path.exists(path):
+                try:
+                    _register(path)
+                    return path
+                except OSError:  # a damaged or foreign file under our name: build it again
+                    os.remove(path)
             _build(compiler, path)
-        library = ctypes.cdll.LoadLibrary(path)
-        for target, symbol in TARGETS.values():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-        return path
+            _register(path)
+            return path
+        except OSError as error:  # this folder cannot be written: try the next one
+            errors.append(f"{directory}: {error}")
+    raise RuntimeError("no folder to build the kernel in: " + "; ".join(errors))
+
+
+@functools.cache
+def _load() -> tuple[str | None, str | None]:
+    """(path, None) once the kernel is built (once per machine) and registered, else (None, why)."""
+    try:
+        return _build_and_register(), None
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
-        if depthwise_mode() == "kernel":
-            raise RuntimeError(f"DARTS_EQX_DEPTHWISE=kernel, but the depthwise kernel could not be built: {error}")
-        _log.warning(
-            "darts_eqx: the C++ depthwise kernel could not be built (%s); using XLA's dense convolution with "
-            "composed kernels instead, about half as fast on CPU. Set DARTS_EQX_DEPTHWISE=composed to skip "
-            "the attempt.",
-            error,
-        )
-        return None
+        # AttributeError: a jax without `jax.ffi` or a library without the handlers
+        return None, str(error)
+
+
+_warned = []
+
+
+def require_depthwise_kernel() -> str:
+    """The built kernel's path, or a RuntimeError saying why it could not be built."""
+    path, error = _load()
+    if path is None:
+        raise RuntimeError(f"the C++ depthwise kernel could not be built: {error}")
+    return path
 
 
 def use_depthwise_kernel() -> bool:
     """Whether CPU separable convolutions are traced with the C++ depthwise kernel now."""
     if jax.default_backend() != "cpu" or depthwise_mode() == "composed":
         return False
-    return _load() is not None
+    path, error = _load()
+    if path is None:
+        if depthwise_mode() == "kernel":
+            raise RuntimeError(f"DARTS_EQX_DEPTHWISE=kernel, but the depthwise kernel could not be built: {error}")
+        if not _warned:
+            _warned.append(True)
+            _log.warning(
+                "darts_eqx: the C++ depthwise kernel could not be built (%s); using XLA's dense convolution with "
+                "composed kernels instead, about half as fast on CPU. Set DARTS_EQX_DEPTHWISE=composed to skip "
+                "the attempt.",
+                error,
+            )
+        return False
+    return True

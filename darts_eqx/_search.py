@@ -6,6 +6,7 @@ the weights with the gradient of the loss on a training batch (Liu et al., 2019,
 of steps is one `lax.scan` inside one jitted call.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -24,7 +25,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from . import _checkpoint, _parallel
+from . import _checkpoint, _conv, _parallel
 from ._checkpoint import CheckpointError, CheckpointWarning
 from ._config import non_negative, positive, positive_ints, replace_known
 from ._conv import kernel_gradient_gate
@@ -501,7 +502,9 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None
             val = constrain(images[iv]), constrain(labels[iv])
             return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view, shared_trace)
 
-        return lax.scan(body, state, (train_idx, val_idx))
+        # The depthwise FFI kernel has no partitioning rule: under a mesh, the composed kernels.
+        with _conv.without_depthwise_kernel() if mesh is not None else contextlib.nullcontext():
+            return lax.scan(body, state, (train_idx, val_idx))
 
     return chunk
 

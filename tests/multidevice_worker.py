@@ -31,9 +31,9 @@ def summary(result):
     }
 
 
-def compiled_chunk_text(devices: int) -> str:
-    """The optimised HLO of the 4-device search chunk."""
-    config = _search.SearchConfig(**{k: v for k, v in OPTIONS.items() if k != "progress"})
+def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> str:
+    """The optimised HLO of the search chunk on `devices` devices (or only its lowered form)."""
+    config = _search.SearchConfig(**{k: v for k, v in {**OPTIONS, **options}.items() if k != "progress"})
     mesh = _parallel.data_mesh(devices)
     model = _search.build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
     arch, weights, static = dx.split_arch(model)
@@ -43,7 +43,8 @@ def compiled_chunk_text(devices: int) -> str:
     data = _parallel.replicate((DATA.x_train, DATA.y_train), mesh)
     idx = _parallel.shard_rows(np.arange(32).reshape(2, 16), mesh)
     chunk = _search.make_chunk_fn(static, w_opt, a_opt, mesh)
-    return chunk.lower((*data, idx, idx), state).compile().compiled.as_text()
+    lowered = chunk.lower((*data, idx, idx), state)
+    return lowered.as_text() if lowered_only else lowered.compile().compiled.as_text()
 
 
 if mode == "local":
@@ -62,6 +63,11 @@ if mode == "local":
         )
     out["resumed_on_one"] = summary(resumed)
     out["all_reduce"] = "all-reduce" in compiled_chunk_text(4)
+    # The depthwise FFI kernel has no partitioning rule: data-parallel DARTS chunks must not call it.
+    darts = dict(space="darts", layers=2, channels=4)
+    out["kernel_calls"] = {
+        n: compiled_chunk_text(n, lowered_only=True, **darts).count("darts_eqx_depthwise_forward") for n in (1, 4)
+    }
     out["errors"] = []
     for options in (dict(devices=4, batch_size=18), dict(devices=5), dict(devices=0)):
         try:

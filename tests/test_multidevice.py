@@ -14,6 +14,7 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
+from darts_eqx import _native
 
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 # Sums over the batch run in another order when split over devices: float32 rounding only.
@@ -45,6 +46,10 @@ def test_four_devices_compute_the_one_device_search(local):
     assert local["devices"] == 4
     assert_same_search(local["one"], local["four"])
     assert local["all_reduce"]  # the batch really is split: the step all-reduces across devices
+    # the C++ depthwise kernel runs on one device, and the composed kernels under a mesh
+    if _native._compiler() is not None:
+        assert local["kernel_calls"]["1"] > 0
+    assert local["kernel_calls"]["4"] == 0
     # not trivially equal: alpha moved from its init during the 8 steps
     assert np.abs(np.asarray(local["one"]["alpha"])).max() > 2e-3
 

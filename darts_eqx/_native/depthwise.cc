@@ -189,7 +189,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     forward_stride1(pool, g, xp, kp, yp);
     return ffi::Error::Success();
   }
-  std::vector<float> tiles = tiled_kernels(kp, g, g.Wo);
+  // Stride 2 (reduction cells): direct loops over the taps that land inside the image.
   const int64_t row = g.Wo * g.C;
   parallel_for(pool, g.E * g.B, [&](int64_t item) {
     const int64_t e = item / g.B, b = item % g.B;
@@ -204,17 +204,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
           const int64_t off = j * g.d - g.p;
           int64_t lo, hi_;
           g.columns(off, &lo, &hi_);
-          const int64_t tap = (e * g.K + i) * g.K + j;
-          if (g.s == 1) {
-            const float* __restrict__ kt = tiles.data() + tap * row;
-            const float* __restrict__ xs = xrow + off * g.C;
-            for (int64_t n = lo * g.C; n < hi_ * g.C; ++n) out[n] += xs[n] * kt[n];
-          } else {
-            const float* __restrict__ kk = kp + tap * g.C;
-            for (int64_t wo = lo; wo < hi_; ++wo) {
-              const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
-              for (int64_t c = 0; c < g.C; ++c) out[wo * g.C + c] += xs[c] * kk[c];
-            }
+          const float* __restrict__ kk = kp + ((e * g.K + i) * g.K + j) * g.C;
+          for (int64_t wo = lo; wo < hi_; ++wo) {
+            const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
+            for (int64_t c = 0; c < g.C; ++c) out[wo * g.C + c] += xs[c] * kk[c];
           }
         }
       }
@@ -297,14 +290,9 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
             int64_t lo, hi_;
             g.columns(off, &lo, &hi_);
             float* __restrict__ acc = sums + (i * g.K + j) * row;
-            if (g.s == 1) {
-              const float* __restrict__ xs = xrow + off * g.C;
-              for (int64_t n = lo * g.C; n < hi_ * g.C; ++n) acc[n] += xs[n] * grow[n];
-            } else {
-              for (int64_t wo = lo; wo < hi_; ++wo) {
-                const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
-                for (int64_t c = 0; c < g.C; ++c) acc[wo * g.C + c] += xs[c] * grow[wo * g.C + c];
-              }
+            for (int64_t wo = lo; wo < hi_; ++wo) {
+              const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
+              for (int64_t c = 0; c < g.C; ++c) acc[wo * g.C + c] += xs[c] * grow[wo * g.C + c];
             }
           }
         }
