@@ -47,7 +47,7 @@ from ._second_order import (
 )
 from ._spaces import get_space
 from ._version import __version__
-from ._xla import loop_compiler_options
+from ._xla import loop_compiler_options, release_compiler_memory
 from .nb201 import NB201Genotype
 
 
@@ -489,6 +489,7 @@ def make_chunk_fn(static, w_opt, a_opt, mesh=None, arch_grad=None, arch_reg=None
     buffers are donated, so a chunk does not hold two copies of the supernet. With a `mesh`, each
     gathered batch stays split over its `data` axis (see `_parallel`)."""
     constrain = _parallel.batch_constraint(mesh)
+    release_compiler_memory()
 
     # A retrace would mean a recompile per chunk (minutes on CPU): make it an error, not a slowdown.
     @eqx.filter_jit(donate="all-except-first", compiler_options=loop_compiler_options())

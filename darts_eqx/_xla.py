@@ -6,8 +6,13 @@ fusion kernels, and LLVM's optimisation of them is a large share of its compile 
 time, whose bulk is convolution library calls that LLVM does not generate (experiments/README.md).
 A preset the user chose in `XLA_FLAGS` (or a flag file there) is left alone; an XLA without the
 option gets none; `DARTS_EQX_XLA_PRESET=default` turns ours off.
+
+`release_compiler_memory` hands the heap XLA's compiler freed back to the operating system after
+each large compile, before the program runs (glibc keeps it otherwise, and the run's buffers come
+on top of it).
 """
 
+import ctypes
 import functools
 import os
 
@@ -36,4 +41,33 @@ def _accepted(preset: str) -> bool:
         jax.jit(lambda x: x + 1, compiler_options={"xla_cpu_opt_preset": preset}).lower(1.0).compile()
     except Exception:  # noqa: BLE001 - XLA reports an unknown option as a generic runtime error
         return False
+    return True
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_LARGE_COMPILE_S = 1.0  # eager ops compile in milliseconds: trimming after each would cost more
+
+
+def _trim() -> None:
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+@functools.cache
+def release_compiler_memory() -> bool:
+    """Once per process: after every XLA compile longer than a second, return the freed heap to
+    the OS (glibc's `malloc_trim`). The compiler's memory is freed when it finishes, but glibc
+    keeps those pages in its per-thread arenas, and the program's own buffers, allocated from
+    other threads, then come on top: C=8, layers=5, batch 32, first order, peak RSS 2.9-3.0 GB
+    without it, 2.0 GB with it, same speed (experiments/README.md). False where there is no
+    `malloc_trim` (not glibc)."""
+    try:
+        ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+
+    def after_compile(event: str, duration_secs: float, **_) -> None:
+        if event == _COMPILE_EVENT and duration_secs > _LARGE_COMPILE_S:
+            _trim()
+
+    jax.monitoring.register_event_duration_secs_listener(after_compile)
     return True

@@ -55,3 +55,18 @@ def test_search_and_training_chunks_are_compiled_with_the_options(monkeypatch):
     with pytest.raises(Exception, match="CPU_OPT_PRESET_NO_SUCH"):
         options = dict(channels=4, layers=3, epochs=1, batch_size=8, auxiliary=False, progress=False)
         dx.train(jax.random.key(0), genotype, data, **options)
+
+
+def test_large_compiles_hand_the_compilers_heap_back(monkeypatch):
+    # glibc's malloc_trim after each XLA compile longer than the threshold, not after small ones
+    if not _xla.release_compiler_memory():
+        pytest.skip("no malloc_trim here (not glibc)")
+    calls = []
+    monkeypatch.setattr(_xla, "_trim", lambda: calls.append(1))
+    monkeypatch.setattr(_xla, "_LARGE_COMPILE_S", 1e9)
+    jax.jit(lambda x: x * 3 + 1).lower(1.0).compile()
+    assert calls == []
+    monkeypatch.setattr(_xla, "_LARGE_COMPILE_S", 0.0)
+    _xla.release_compiler_memory()  # again (as every chunk does): still one listener
+    jax.jit(lambda x: x * 5 - 2).lower(1.0).compile()
+    assert calls == [1]
