@@ -26,7 +26,7 @@ from ._eval import EvalNetwork, count_parameters, make_eval_network
 from ._genotype import Genotype
 from ._network import reduction_layers
 from ._search import _progress, clipped_sgd, cosine_lr
-from ._xla import loop_compiler_options, release_compiler_memory
+from ._xla import loop_jit
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,8 @@ def _loss(params, static, bn_state, x, y, config: TrainConfig, drop_prob, key):
 def make_train_chunk(static, optimizer, config: TrainConfig):
     """Jitted `chunk((images, labels, idx[steps, batch], drop_prob), carry) -> (carry, metrics)`
     with `carry = (params, opt_state, bn_state, key)`; the carry is donated."""
-    release_compiler_memory()
 
-    @eqx.filter_jit(donate="all-except-first", compiler_options=loop_compiler_options())
-    @eqx.debug.assert_max_traces(max_traces=1)
+    @loop_jit
     def chunk(inputs, carry):
         images, labels, idx, drop_prob = inputs
 

@@ -28,9 +28,9 @@ def run_one(a) -> dict:
     from darts_eqx import _parallel
     from darts_eqx._search import (
         SearchConfig,
-        SearchState,
         arch_optimizer,
         build_supernet,
+        initial_state,
         make_chunk_fn,
         weight_optimizer,
     )
@@ -43,7 +43,7 @@ def run_one(a) -> dict:
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
     arch, weights, static = dx.split_arch(model)
     w_opt, a_opt = weight_optimizer(config, 100), arch_optimizer(config)
-    state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), np.int32(0), key)
+    state = initial_state(weights, arch, w_opt, a_opt, key)
     n = 2 * a.steps * batch
     rng = np.random.default_rng(0)
     images = rng.normal(size=(n, a.image, a.image, 3)).astype(np.float32)

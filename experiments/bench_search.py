@@ -25,9 +25,9 @@ import darts_eqx as dx
 from darts_eqx._cli import use_compile_cache
 from darts_eqx._search import (
     SearchConfig,
-    SearchState,
     arch_optimizer,
     build_supernet,
+    initial_state,
     make_chunk_fn,
     second_order_gradient,
     weight_optimizer,
@@ -71,7 +71,7 @@ def main():
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
     arch, weights, static = dx.split_arch(model)
     w_opt, a_opt = weight_optimizer(config, 100), arch_optimizer(config)
-    state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), key)
+    state = initial_state(weights, arch, w_opt, a_opt, key)
     n = 2 * a.steps * a.batch
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(n, a.image, a.image, 3)).astype(np.float32))

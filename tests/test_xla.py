@@ -1,11 +1,12 @@
 """Compiler options of the search and training chunks."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
-from darts_eqx import _search, _train, _xla
+from darts_eqx import _xla
 from darts_eqx._xla import loop_compiler_options
 
 
@@ -45,8 +46,7 @@ def test_bad_preset_names_the_value(monkeypatch):
 def test_search_and_training_chunks_are_compiled_with_the_options(monkeypatch):
     # A value XLA rejects must reach the compile of each chunk, so the options are passed.
     bogus = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_NO_SUCH"}
-    monkeypatch.setattr(_search, "loop_compiler_options", lambda: bogus)
-    monkeypatch.setattr(_train, "loop_compiler_options", lambda: bogus)
+    monkeypatch.setattr(_xla, "loop_compiler_options", lambda: bogus)
     data = dx.data.from_arrays(*tiny_arrays(n=32))
     with pytest.raises(Exception, match="CPU_OPT_PRESET_NO_SUCH"):
         dx.search(jax.random.key(0), data, space="seed", channels=4, layers=1, epochs=1, batch_size=16, progress=False)
@@ -70,3 +70,44 @@ def test_large_compiles_hand_the_compilers_heap_back(monkeypatch):
     _xla.release_compiler_memory()  # again (as every chunk does): still one listener
     jax.jit(lambda x: x * 5 - 2).lower(1.0).compile()
     assert calls == [1]
+
+
+def _inner(x):
+    return jnp.sin(x) * 2
+
+
+def _outer(x, y):
+    return _inner(x) + y
+
+
+def test_loop_programs_lower_with_short_source_locations():
+    # JAX's default gives every op its whole Python traceback as a chain of call sites, which XLA
+    # keeps through the compile (90 MB more peak at C=8); loop programs keep the innermost frame.
+    x = jnp.ones(3)
+    assert jax.config.values[_xla._FULL_TRACEBACKS]
+    assert "callsite" in jax.jit(_outer).lower(x, x).as_text(debug_info=True)
+    short = _xla.loop_jit(_outer).lower(x, x).lowered.as_text(debug_info=True)
+    assert "callsite" not in short and "test_xla.py" in short
+    assert jax.config.values[_xla._FULL_TRACEBACKS]  # restored
+    with pytest.raises(RuntimeError, match="inside"), _xla.short_locations():
+        assert not jax.config.values[_xla._FULL_TRACEBACKS]
+        raise RuntimeError("inside")
+    assert jax.config.values[_xla._FULL_TRACEBACKS]  # restored after an error too
+
+
+def test_short_locations_keeps_a_users_choice():
+    jax.config.update(_xla._FULL_TRACEBACKS, False)
+    try:
+        with _xla.short_locations():
+            pass
+        assert not jax.config.values[_xla._FULL_TRACEBACKS]
+    finally:
+        jax.config.update(_xla._FULL_TRACEBACKS, True)
+
+
+def test_a_loop_program_traced_twice_is_an_error():
+    # a second trace of a chunk would be a second compile per chunk (minutes on CPU)
+    program = _xla.loop_jit(_outer)
+    assert float(program(jnp.ones(2), jnp.ones(2))[0]) == pytest.approx(2 * float(jnp.sin(1.0)) + 1)
+    with pytest.raises(Exception, match="traced"):
+        program(jnp.ones(3), jnp.ones(3))
