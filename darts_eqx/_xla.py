@@ -79,22 +79,29 @@ def release_compiler_memory() -> bool:
 _FULL_TRACEBACKS = "jax_include_full_tracebacks_in_locations"
 
 
+def _full_tracebacks_option():
+    """JAX's own context manager for the option (thread-local, restores the previous value), or
+    None where this JAX has none: its public `jax.config.update` would change it for every thread."""
+    try:
+        from jax._src import config as jax_config
+    except ImportError:  # pragma: no cover - a JAX without the module
+        return None
+    option = getattr(jax_config, _FULL_TRACEBACKS.removeprefix("jax_"), None)
+    return option if callable(option) else None
+
+
 @contextlib.contextmanager
 def short_locations():
     """Lower inside this to give each operation the source location of its innermost user frame
     (file and line, what profiles and XLA's errors show) instead of JAX's default, its whole Python
-    traceback. XLA keeps those tracebacks through its compile and in the executable: at C=8,
-    layers=5, first order, the compile peaks 90 MB lower without them (experiments/README.md).
-    Sets the JAX option for the duration (restored after); a no-op where the user turned it off
-    or this JAX lacks it."""
-    if not jax.config.values.get(_FULL_TRACEBACKS, False):
+    traceback, which XLA keeps through its compile. The option is set for this thread only and
+    restored after; a no-op where the user turned it off or this JAX lacks it."""
+    option = _full_tracebacks_option()
+    if option is None or not getattr(jax.config, _FULL_TRACEBACKS, False):
         yield
         return
-    jax.config.update(_FULL_TRACEBACKS, False)
-    try:
+    with option(False):
         yield
-    finally:
-        jax.config.update(_FULL_TRACEBACKS, True)
 
 
 class _ShortLocations:

@@ -118,7 +118,8 @@ def test_second_order_search_runs_in_one_compiled_chunk():
 def test_shared_trace_second_order_step_equals_the_separately_traced_step():
     # shared_trace with finite differences: one traced gradient for the virtual step, the gradient
     # at w', the two at w+- (kernel gradients gated off) and the weight step, as a five-phase scan.
-    # From a state with a momentum buffer, with an alpha regulariser: the same step as four traces.
+    # From a state with a momentum buffer, with an alpha regulariser and a view of alpha for the
+    # weight step: the same step as four traces.
     from darts_eqx._search import SearchState, arch_optimizer, search_step, second_order_gradient
 
     # xi = 1 so that the Hessian term is large against the tolerances (an error in it shows)
@@ -135,9 +136,14 @@ def test_shared_trace_second_order_step_equals_the_separately_traced_step():
     def reg(arch, step):
         return 0.5 * sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(arch))
 
+    def view(arch, step):  # as DARTS-'s auxiliary skip: alpha as the weight step sees it
+        return jax.tree.map(lambda a: 2.0 * a, arch)
+
     @eqx.filter_jit
     def step(state, shared):
-        return search_step(state, static, w_opt, a_opt, train, val, unrolled, arch_reg=reg, shared_trace=shared)
+        return search_step(
+            state, static, w_opt, a_opt, train, val, unrolled, arch_reg=reg, arch_view=view, shared_trace=shared
+        )
 
     state = SearchState(
         weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), jax.random.key(3)

@@ -1,5 +1,7 @@
 """Compiler options of the search and training chunks."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -80,27 +82,44 @@ def _outer(x, y):
     return _inner(x) + y
 
 
+def _full_tracebacks() -> bool:
+    return jax.config.jax_include_full_tracebacks_in_locations
+
+
 def test_loop_programs_lower_with_short_source_locations():
     # JAX's default gives every op its whole Python traceback as a chain of call sites, which XLA
-    # keeps through the compile (90 MB more peak at C=8); loop programs keep the innermost frame.
+    # keeps through the compile; loop programs keep the innermost frame.
+    if _xla._full_tracebacks_option() is None or not _full_tracebacks():
+        pytest.skip("this JAX lacks the option, or it is turned off here")
     x = jnp.ones(3)
-    assert jax.config.values[_xla._FULL_TRACEBACKS]
     assert "callsite" in jax.jit(_outer).lower(x, x).as_text(debug_info=True)
     short = _xla.loop_jit(_outer).lower(x, x).lowered.as_text(debug_info=True)
     assert "callsite" not in short and "test_xla.py" in short
-    assert jax.config.values[_xla._FULL_TRACEBACKS]  # restored
+    assert _full_tracebacks()  # restored
+
+    seen = []  # a call traces and lowers inside it too
+    program = _xla.loop_jit(lambda x, y: (seen.append(_full_tracebacks()), x + y)[1])
+    program(x, jnp.ones(3))  # its second argument is donated
+    assert seen == [False] and _full_tracebacks()
+
+    with _xla.short_locations():  # for this thread only
+        assert not _full_tracebacks()
+        other = []
+        thread = threading.Thread(target=lambda: other.append(jax.jit(_outer).lower(x, x).as_text(debug_info=True)))
+        thread.start()
+        thread.join()
+        assert "callsite" in other[0]
     with pytest.raises(RuntimeError, match="inside"), _xla.short_locations():
-        assert not jax.config.values[_xla._FULL_TRACEBACKS]
         raise RuntimeError("inside")
-    assert jax.config.values[_xla._FULL_TRACEBACKS]  # restored after an error too
+    assert _full_tracebacks()  # restored after an error too
 
 
 def test_short_locations_keeps_a_users_choice():
     jax.config.update(_xla._FULL_TRACEBACKS, False)
     try:
         with _xla.short_locations():
-            pass
-        assert not jax.config.values[_xla._FULL_TRACEBACKS]
+            assert not _full_tracebacks()
+        assert not _full_tracebacks()
     finally:
         jax.config.update(_xla._FULL_TRACEBACKS, True)
 
