@@ -25,14 +25,15 @@ Earlier = Float[Array, "batch _in_height _in_width _in_channels"]
 def _uniform(key, shape, fan_in: int) -> Array:
     # PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ...).
     bound = 1.0 / math.sqrt(fan_in)
-    if isinstance(key, jax.core.Tracer):
+    try:
+        seed = np.asarray(jax.random.key_data(key)).ravel()
+    except jax.errors.TracerArrayConversionError:  # inside a trace (a traced key, or a captured one)
         return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
     # Eagerly, draw on the host from a generator seeded by the key: XLA would compile a separate
     # random-number program for every distinct weight shape, about a minute for a supernet. Cast
     # on the host too: a cast on the device is one more compiled program per shape (48 for the
     # C=8 supernet, ~1.3 MB each kept for the life of the process).
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-    return jax.device_put(rng.uniform(-bound, bound, shape).astype(np.float32))
+    return jax.device_put(np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32))
 
 
 def batch_norm(x: Float[Array, "batch h w *channels"], eps: float = 1e-5) -> Float[Array, "batch h w *channels"]:

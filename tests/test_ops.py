@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, kernel_gradient_gate, max_pool, separable_conv2d
-from darts_eqx._ops import BatchNorm, FactorizedReduce, batch_norm
+from darts_eqx._ops import BatchNorm, FactorizedReduce, _uniform, batch_norm
 
 CONV_CASES = [
     (1, 1, 0, 1),
@@ -169,3 +169,17 @@ def test_kernel_gradient_gate(getkey, gate):
         np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-6)
     else:
         np.testing.assert_array_equal(dw, np.zeros_like(dw))
+
+
+def test_uniform_init_eagerly_traced_and_with_a_captured_key():
+    # Eagerly from the host (no compiled program per shape); inside a trace from jax.random, for a
+    # traced key and for a concrete key the traced function captured.
+    key = jax.random.key(7)
+    eager = _uniform(key, (5, 4), 4)
+    assert eager.dtype == jnp.float32 and eager.shape == (5, 4)
+    np.testing.assert_array_equal(eager, _uniform(key, (5, 4), 4))  # the same key, the same draw
+    traced = jax.jit(lambda k: _uniform(k, (5, 4), 4))(key)
+    captured = jax.jit(lambda: _uniform(key, (5, 4), 4))()
+    np.testing.assert_array_equal(traced, captured)
+    for w in (eager, traced):
+        assert float(jnp.max(jnp.abs(w))) <= 0.5 and float(jnp.std(w)) > 0.1  # U(-1/2, 1/2)
