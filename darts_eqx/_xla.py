@@ -110,7 +110,7 @@ class _ShortLocations:
 
     def __init__(self, jitted):
         self._jitted = jitted
-        functools.update_wrapper(self, jitted)
+        functools.update_wrapper(self, jitted, updated=())  # its name and doc, not its fields
 
     def __call__(self, *args, **kwargs):
         with short_locations():
