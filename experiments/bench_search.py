@@ -9,6 +9,10 @@
 `steps_per_s` is timed over a second chunk of `--steps` steps. `peak_rss_mb` includes XLA's
 compiler (most of it at small configs); run again with the same `--compile-cache DIR` to measure
 the search without compiling (`compile_cache_hit`: the program came from that cache).
+
+`--compile-only` lowers and compiles one chunk without running it (the figure of the compile
+target at C=16, layers=8, batch 64): `lower_s` (tracing and lowering), `xla_compile_s`,
+`compile_s` (their sum), `peak_rss_mb`, and XLA's `temp_mb` for the chunk where it reports it.
 """
 
 import argparse
@@ -52,6 +56,7 @@ def main():
         help="one traced gradient per step (order 1, or 2 with finite_difference)",
     )
     parser.add_argument("--compile-cache", help="JAX persistent compilation cache directory (default: none)")
+    parser.add_argument("--compile-only", action="store_true", help="lower and compile one chunk, do not run it")
     a = parser.parse_args()
     cache = use_compile_cache(a.compile_cache or "off")
     if cache:
@@ -80,6 +85,22 @@ def main():
     arch_grad = second_order_gradient(config, 100) if a.order == 2 else None
     chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad, shared_trace=config.shared_trace)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
+    config_fields = {
+        "impl": "darts_eqx",
+        "space": a.space,
+        "order": a.order,
+        "estimator": a.estimator if a.order == 2 else None,
+        "C": a.C,
+        "layers": a.layers,
+        "batch": a.batch,
+        "image": a.image,
+        "steps": a.steps,
+        "partial_channels": a.partial_channels,
+        "shared_trace": config.shared_trace,
+    }
+    if a.compile_only:
+        print(json.dumps({**config_fields, **compile_figures(chunk, inputs, state), "backend": jax.default_backend()}))
+        return
     start = time.perf_counter()
     state, m = chunk(inputs, state)
     jax.block_until_ready(m)
@@ -91,17 +112,7 @@ def main():
     print(
         json.dumps(
             {
-                "impl": "darts_eqx",
-                "space": a.space,
-                "order": a.order,
-                "estimator": a.estimator if a.order == 2 else None,
-                "C": a.C,
-                "layers": a.layers,
-                "batch": a.batch,
-                "image": a.image,
-                "steps": a.steps,
-                "partial_channels": a.partial_channels,
-                "shared_trace": config.shared_trace,
+                **config_fields,
                 "steps_per_s": a.steps / run,
                 "compile_s": first - run,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -112,6 +123,26 @@ def main():
             }
         )
     )
+
+
+def compile_figures(chunk, inputs, state) -> dict:
+    """Lower and compile `chunk` for these arguments without running it."""
+    start = time.perf_counter()
+    lowered = chunk.lower(inputs, state)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    try:  # Equinox's wrapper holds JAX's compiled program; XLA reports its buffers on most backends
+        temp_mb = compiled.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
+        temp_mb = None
+    return {
+        "lower_s": lowered_at - start,
+        "xla_compile_s": done - lowered_at,
+        "compile_s": done - start,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "temp_mb": temp_mb,
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""The performance block of issue #5, one process at a time, as a markdown table (and JSON lines).
+
+    python experiments/bench_block.py --json runs/bench_block.jsonl
+
+In this order: eager PyTorch first order, darts_eqx first order (two traces, then the shared
+trace), eager PyTorch second order, darts_eqx second order with finite differences (four traces,
+then the shared trace), eager PyTorch first order again (the machine's drift over the block), all
+at C=8, layers=5, batch 32, 32x32; then the compile of one chunk (no run) at C=16, layers=8, batch
+64: first order, second order with four traces, second order with the shared trace. Ratios are
+to the PyTorch runs of the same order in the same block. The PyTorch rows need the reference's own
+virtualenv (`--torch-python`, `pip install torch==2.13.0 numpy`) and `--torch-script`; without
+them the block runs darts_eqx only. Absolute figures on a shared or busy machine are noise: run it
+on an idle one and compare within one block.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SMALL = ["--C", "8", "--layers", "5", "--batch", "32", "--image", "32", "--steps", "8"]
+LARGE = ["--C", "16", "--layers", "8", "--batch", "64", "--image", "32", "--steps", "4", "--compile-only"]
+FD = ["--order", "2", "--estimator", "finite_difference"]
+
+# (label, runner, arguments): runner "torch" is the PyTorch reference, "eqx" bench_search.py
+BLOCK = [
+    ("order 1, eager PyTorch", "torch", ["--order", "1", *SMALL]),
+    ("order 1, darts_eqx, two traces (default)", "eqx", SMALL),
+    ("order 1, darts_eqx, shared trace", "eqx", [*SMALL, "--shared-trace"]),
+    ("order 2 (FD), eager PyTorch", "torch", ["--order", "2", *SMALL]),
+    ("order 2 (FD), darts_eqx, four traces (default)", "eqx", [*FD, *SMALL]),
+    ("order 2 (FD), darts_eqx, shared trace", "eqx", [*FD, *SMALL, "--shared-trace"]),
+    ("order 1, eager PyTorch (again)", "torch", ["--order", "1", *SMALL]),
+    ("compile C=16 L=8 B=64, order 1, two traces", "eqx", LARGE),
+    ("compile C=16 L=8 B=64, order 2 (FD), four traces", "eqx", [*FD, *LARGE]),
+    ("compile C=16 L=8 B=64, order 2 (FD), shared trace", "eqx", [*FD, *LARGE, "--shared-trace"]),
+]
+
+
+def run_one(command: list[str], timeout_s: float) -> dict:
+    """The last JSON line the command prints, or {"error": ...}."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    lines = done.stderr.strip().splitlines()
+    return {"error": f"exit {done.returncode}: {lines[-1] if lines else 'no output'}"}
+
+
+def order_of(label: str) -> int:
+    return 2 if "order 2" in label else 1
+
+
+def table(results: list[tuple[str, dict]]) -> str:
+    torch_speed = {}
+    for label, r in results:
+        if "PyTorch" in label and "steps_per_s" in r:
+            torch_speed.setdefault(order_of(label), []).append(r["steps_per_s"])
+    rows = ["| run | steps/s | vs PyTorch | compile s | peak RSS |", "|---|---|---|---|---|"]
+    for label, r in results:
+        if "error" in r:
+            rows.append(f"| {label} | {r['error']} | | | |")
+            continue
+        speed = r.get("steps_per_s")
+        ratio = ""
+        refs = torch_speed.get(order_of(label))
+        if speed and refs and "PyTorch" not in label:
+            low, high = speed / max(refs), speed / min(refs)
+            ratio = f"{low:.2f}x" if abs(high - low) < 0.005 else f"{low:.2f}-{high:.2f}x"
+        compile_s = r.get("compile_s")
+        if "lower_s" in r:
+            compile_s = f"{r['compile_s']:.1f} ({r['lower_s']:.1f} + {r['xla_compile_s']:.1f})"
+        elif compile_s is not None:
+            compile_s = f"{compile_s:.1f}"
+        rows.append(
+            f"| {label} | {'' if speed is None else f'{speed:.3f}'} | {ratio} | {compile_s or '-'} "
+            f"| {r['peak_rss_mb'] / 1024:.2f} GB |"
+        )
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--torch-python", default=os.path.expanduser("~/torchref/bin/python"))
+    parser.add_argument("--torch-script", default=str(HERE.parent.parent / "shared/bench/torch_ref_darts.py"))
+    parser.add_argument("--json", help="also append each run's JSON line (with its label) to this file")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    a = parser.parse_args()
+    has_torch = os.path.exists(a.torch_python) and os.path.exists(a.torch_script)
+    if not has_torch:
+        print(f"no PyTorch reference ({a.torch_python}, {a.torch_script}): darts_eqx rows only", file=sys.stderr)
+    results = []
+    for label, runner, args in BLOCK:
+        if runner == "torch" and not has_torch:
+            continue
+        command = (
+            [a.torch_python, a.torch_script, *args]
+            if runner == "torch"
+            else [sys.executable, str(HERE / "bench_search.py"), *args]
+        )
+        result = run_one(command, a.timeout)
+        results.append((label, result))
+        print(f"{label}: {json.dumps(result)}", file=sys.stderr, flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps({"label": label, **result}) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
