@@ -88,8 +88,8 @@ class SearchConfig:
     - `shared_trace`: trace the supernet's gradient once per step for all its phases (first order,
       or second order with `finite_difference`; see `search_step`). The same search up to
       floating-point rounding; on CPU its compile takes 16-26% (first order) and about half
-      (second order) less time, it holds less memory (second order at C=8, layers=5: 1.83-1.93
-      against 2.93-2.97 GB) and runs 6-25% slower, so it pays for short searches and large networks.
+      (second order) less time, it holds less memory (second order at C=8, layers=5: 1.79-1.99
+      against 2.90-2.97 GB) and runs 6-25% slower, so it pays for short searches and large networks.
     """
 
     space: str = "darts"
@@ -316,7 +316,7 @@ def search_step(
     second order with finite differences: the virtual step, the gradient at w', the two at w+-
     and the weight step), the CPU's canonical convolutions gating their kernel gradients off in
     the phases that need alpha's gradient alone. Its compile takes 16-26% (first order) and about
-    55% (second order: 50-54 against 114-125 s) less time at C=16, layers=8, and it runs 6-25% slower at
+    55% (second order: 49-54 against 112-125 s) less time at C=16, layers=8, and it runs 6-25% slower at
     C=8, layers=5, than separate traces (the default; figures in experiments/README.md)."""
 
     def view(arch):
