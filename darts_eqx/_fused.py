@@ -44,6 +44,7 @@ from ._conv import (
     separable_conv2d,
     separable_kernel,
     uses_depthwise_kernel,
+    weight_einsum,
 )
 from ._mixed import MixedOp, partial_channel_merge
 from ._ops import (
@@ -154,7 +155,7 @@ class SourceOps(eqx.Module):
             # first, then each edge's pointwise matrix as one batched matmul.
             per_edge = [
                 _edge_batch_norm(
-                    jnp.einsum(
+                    weight_einsum(
                         "ebhwc,ecd->ebhwd",
                         depthwise_conv2d_edges(r, dw, s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]),
                         pw,

@@ -314,8 +314,8 @@ def search_step(
     forward passes see it (DARTS-'s auxiliary skip). With `shared_trace`, the step traces the
     supernet's gradient once for all its phases (first order: the alpha and the weight step;
     second order with finite differences: the virtual step, the gradient at w', the two at w+-
-    and the weight step), the CPU's canonical convolutions gating their kernel gradients off in
-    the phases that need alpha's gradient alone. Its compile takes 16-26% (first order) and about
+    and the weight step), the CPU's convolutions and pointwise matmuls gating their weight
+    gradients off in the phases that need alpha's gradient alone. Its compile takes 16-26% (first order) and about
     55% (second order: 49-54 against 112-125 s) less time at C=16, layers=8, and it runs 6-25% slower at
     C=8, layers=5, than separate traces (the default; figures in experiments/README.md)."""
 
@@ -370,7 +370,7 @@ def _gated_first_order_step(state, static, w_opt, a_opt, train_batch, val_batch,
     """`search_step`'s first order as a `lax.scan` over two phases (alpha on the validation batch,
     then weights on the training batch) of one traced gradient of (weights, alpha): XLA compiles
     the supernet's backward pass once instead of twice. The alpha phase gates the convolutions'
-    kernel gradients off (`kernel_gradient_gate`), so it does no more work than a gradient in
+    and pointwise matmuls' weight gradients off (`kernel_gradient_gate`), so it does no more work than a gradient in
     alpha alone. Same arithmetic as the two-trace form (tested)."""
     batches = jax.tree.map(lambda v, t: jnp.stack([v, t]), val_batch, train_batch)
 
@@ -430,7 +430,7 @@ def _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch
 
     0. grad_w L_train(w), for the virtual step w' = w - xi * (momentum * buffer + grad + weight_decay * w);
     1. grad L_val(w') in w and alpha; eps = 0.01 / |grad_w|;
-    2., 3. grad_alpha L_train(w +- eps grad_w) (kernel gradients gated off);
+    2., 3. grad_alpha L_train(w +- eps grad_w) (weight gradients gated off);
        alpha's gradient is then grad_alpha L_val(w') - xi (g+ - g-) / (2 eps): the alpha step;
     4. grad_w L_train(w, new alpha), for the weight step, taken after the scan.
 

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from jax import lax
 
-from darts_eqx._conv import avg_pool, conv2d, depthwise_conv2d, kernel_gradient_gate, max_pool, separable_conv2d
+from darts_eqx._conv import (
+    avg_pool,
+    conv2d,
+    depthwise_conv2d,
+    kernel_gradient_gate,
+    max_pool,
+    pointwise_conv,
+    separable_conv2d,
+    weight_einsum,
+)
 from darts_eqx._ops import BatchNorm, FactorizedReduce, _uniform, batch_norm
 
 CONV_CASES = [
@@ -147,14 +156,24 @@ def test_factorized_reduce_rejects_odd_sizes(getkey):
         FactorizedReduce(4, 5, False, key=getkey())
 
 
+_GATED_OPS = {
+    "canonical conv": ((2, 7, 7, 3), (3, 3, 3, 4), lambda x, w: conv2d(x, w, 2, 2, 2, impl="canonical")),
+    "pointwise conv": ((2, 5, 5, 3), (3, 4), pointwise_conv),
+    "edge matmuls": ((2, 3, 4, 4, 3), (2, 3, 5), lambda x, w: weight_einsum("ebhwc,ecd->ebhwd", x, w)),
+}
+
+
 @pytest.mark.parametrize("gate", [0.0, 1.0])
-def test_kernel_gradient_gate(getkey, gate):
-    # Inside the gate the input gradient is the canonical one; the kernel gradient is too when the
-    # gate is on and exactly zero when it is off. The gate is a traced value (one compiled program).
-    x, w = jax.random.normal(getkey(), (2, 7, 7, 3)), jax.random.normal(getkey(), (3, 3, 3, 4))
+@pytest.mark.parametrize("op", sorted(_GATED_OPS))
+def test_kernel_gradient_gate(getkey, gate, op):
+    # Inside the gate the input gradient is the plain one; the kernel (weight) gradient is too when
+    # the gate is on and exactly zero when it is off. The gate is a traced value (one compiled
+    # program). Outside the gate the same functions are plain JAX.
+    x_shape, w_shape, fn = _GATED_OPS[op]
+    x, w = jax.random.normal(getkey(), x_shape), jax.random.normal(getkey(), w_shape)
 
     def loss(x, w):
-        return jnp.sum(jnp.sin(conv2d(x, w, 2, 2, 2, impl="canonical")))
+        return jnp.sum(jnp.sin(fn(x, w)))
 
     @jax.jit
     def gated(x, w, g):
