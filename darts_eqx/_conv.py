@@ -137,6 +137,12 @@ def _gated_bwd(stride, padding, dilation, residuals, g):
 _gated_conv.defvjp(_gated_fwd, _gated_bwd)
 
 
+def _gated_gradient(gate, weight_gradient, weight):
+    """`weight_gradient()` where the traced `gate` is nonzero, zeros shaped as `weight` otherwise
+    (a `lax.cond`, so the off branch costs nothing)."""
+    return lax.cond(gate != 0, weight_gradient, lambda: jnp.zeros_like(weight))
+
+
 def conv2d(
     x: Float[Array, "b h w cin"],
     weight: Float[Array, "k k cin cout"],
@@ -246,7 +252,7 @@ def _depthwise_bwd(geometry, residuals, g):
 
     if gate is None:
         return dx, kernel_gradient(), None
-    return dx, lax.cond(gate != 0, kernel_gradient, lambda: jnp.zeros_like(kernels)), jnp.zeros_like(gate)
+    return dx, _gated_gradient(gate, kernel_gradient, kernels), jnp.zeros_like(gate)
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
@@ -406,8 +412,7 @@ def _gated_einsum_bwd(spec, residuals, g):
     def weight_gradient():
         return jax.vjp(lambda w: jnp.einsum(spec, x, w), weight)[1](g)[0]
 
-    dw = lax.cond(gate != 0, weight_gradient, lambda: jnp.zeros_like(weight))
-    return dx, dw, jnp.zeros_like(gate)
+    return dx, _gated_gradient(gate, weight_gradient, weight), jnp.zeros_like(gate)
 
 
 _gated_einsum.defvjp(_gated_einsum_fwd, _gated_einsum_bwd)

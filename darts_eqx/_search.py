@@ -315,9 +315,10 @@ def search_step(
     supernet's gradient once for all its phases (first order: the alpha and the weight step;
     second order with finite differences: the virtual step, the gradient at w', the two at w+-
     and the weight step), the CPU's convolutions and pointwise matmuls gating their weight
-    gradients off in the phases that need alpha's gradient alone. Its compile takes 16-26% (first order) and about
-    55% (second order: 49-54 against 112-125 s) less time at C=16, layers=8, and it runs 6-25% slower at
-    C=8, layers=5, than separate traces (the default; figures in experiments/README.md)."""
+    gradients off in the phases that need alpha's gradient alone. Its compile takes 16-26% (first
+    order) and about 55% (second order: 49-54 against 112-125 s) less time at C=16, layers=8, and
+    it runs 6-25% slower at C=8, layers=5, than separate traces (the default; figures in
+    experiments/README.md)."""
 
     def view(arch):
         return arch if arch_view is None else arch_view(arch, state.step)
@@ -370,8 +371,8 @@ def _gated_first_order_step(state, static, w_opt, a_opt, train_batch, val_batch,
     """`search_step`'s first order as a `lax.scan` over two phases (alpha on the validation batch,
     then weights on the training batch) of one traced gradient of (weights, alpha): XLA compiles
     the supernet's backward pass once instead of twice. The alpha phase gates the convolutions'
-    and pointwise matmuls' weight gradients off (`kernel_gradient_gate`), so it does no more work than a gradient in
-    alpha alone. Same arithmetic as the two-trace form (tested)."""
+    and pointwise matmuls' weight gradients off (`kernel_gradient_gate`), so it does no more work
+    than a gradient in alpha alone. Same arithmetic as the two-trace form (tested)."""
     batches = jax.tree.map(lambda v, t: jnp.stack([v, t]), val_batch, train_batch)
 
     def phase(state, inputs):
