@@ -56,10 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--shared-trace",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="trace the supernet's gradient once per step (first order, or order 2 with finite_difference): "
-        "compiles faster, runs a little slower",
+        help="trace the supernet's gradient once per step (first order, or order 2 with finite_difference) or "
+        "once per phase: the shared trace compiles faster and holds less memory, and runs a little slower "
+        "(default: shared for order 2 with finite_difference)",
     )
     s.add_argument("--beta-reg", type=float, help="beta-DARTS regularisation strength (ramped from 0; default off)")
     s.add_argument("--aux-skip", type=float, help="DARTS-: auxiliary skip weight, decaying to 0 (paper: 1)")
@@ -222,7 +223,7 @@ def _search(args) -> None:
     from . import _parallel
     from ._checkpoint import atomic_write_bytes, atomic_write_text, list_checkpoints, serialised
     from ._data import load
-    from ._search import SearchConfig, search
+    from ._search import SearchConfig, resolve_shared_trace, search
 
     cluster = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in cluster):
@@ -244,6 +245,8 @@ def _search(args) -> None:
     if options.get("space") == "nb201" and "layers" not in options:
         options["layers"] = 5  # the benchmark's cells per stage
     config = SearchConfig().replace(**options)
+    if not args.resume:  # the run folder records what runs (a resume takes its checkpoint's choice)
+        config = config.replace(shared_trace=resolve_shared_trace(config))
     if args.nb201_table is not None:
         if config.space != "nb201":
             raise ValueError(f"--nb201-table scores NAS-Bench-201 cells: it needs --space nb201, not {config.space!r}")

@@ -86,10 +86,13 @@ class SearchConfig:
       normalisation (Xu et al., ICLR 2020; k=4 there) in the DARTS space; it must divide
       `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
     - `shared_trace`: trace the supernet's gradient once per step for all its phases (first order,
-      or second order with `finite_difference`; see `search_step`). The same search up to
-      floating-point rounding; on CPU its compile takes 16-26% (first order) and about half
-      (second order) less time, it holds less memory (second order at C=8, layers=5: 1.79-1.99
-      against 2.90-2.97 GB) and runs 6-25% slower, so it pays for short searches and large networks.
+      or second order with `finite_difference`; see `search_step`) instead of once per phase. The
+      same search up to floating-point rounding. None (default): on CPU the shared trace for
+      second order with finite differences, separate traces otherwise (`resolve_shared_trace`);
+      on a resume, what the checkpoint ran with. On CPU at C=8, layers=5, second order (finite differences):
+      the shared trace compiles in about half the time, peaks at 1.8-2.0 GB against 2.9-3.0 GB, and
+      runs 2-12% slower in the latest runs (18-27% in earlier ones); first order: 20% slower
+      (experiments/README.md).
     """
 
     space: str = "darts"
@@ -118,7 +121,7 @@ class SearchConfig:
     hessian_iterations: int = 20
     early_stop_factor: float | None = None
     early_stop_window: int = 5
-    shared_trace: bool = False
+    shared_trace: bool | None = None
 
     def __post_init__(self):
         get_space(self.space)
@@ -149,9 +152,10 @@ class SearchConfig:
             raise ValueError(f"`order` (={self.order!r}) must be 1 (first order) or 2 (unrolled, second order)")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` (={self.estimator!r}) must be one of {ESTIMATORS}")
-        for name in ("shared_trace", "hessian"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be True or False")
+        if not isinstance(self.hessian, bool):
+            raise ValueError(f"`hessian` (={self.hessian!r}) must be True or False")
+        if self.shared_trace is not None and not isinstance(self.shared_trace, bool):
+            raise ValueError(f"`shared_trace` (={self.shared_trace!r}) must be True, False or None (automatic)")
         if self.shared_trace and self.order == 2 and self.estimator != "finite_difference":
             raise ValueError(
                 f"`shared_trace` with order 2 needs estimator 'finite_difference', not {self.estimator!r} "
@@ -317,8 +321,8 @@ def search_step(
     and the weight step), the CPU's convolutions and pointwise matmuls gating their weight
     gradients off in the phases that need alpha's gradient alone. Its compile takes 16-26% (first
     order) and about 55% (second order: 49-54 against 112-125 s) less time at C=16, layers=8, and
-    it runs 6-25% slower at C=8, layers=5, than separate traces (the default; figures in
-    experiments/README.md)."""
+    at C=8, layers=5 it runs 2-25% slower than separate traces (`search` picks per config:
+    `resolve_shared_trace`; figures in experiments/README.md)."""
 
     def view(arch):
         return arch if arch_view is None else arch_view(arch, state.step)
@@ -522,6 +526,23 @@ class UnrolledGradient:
         )
 
 
+def resolve_shared_trace(config: SearchConfig, checkpointed: bool | None = None) -> bool:
+    """Whether a search with `config` traces the supernet's gradient once per step (see
+    `SearchConfig.shared_trace`): the config's choice when it makes one; else, resuming, what the
+    checkpoint ran with (`checkpointed`), so that an old search continues as it ran; else, on
+    CPU, the shared trace for second order with finite differences (about half the compile time
+    and two-thirds of the memory of separate traces, for 2-12% of speed in the latest runs), and
+    separate traces for first order (there the shared trace is 16-20% slower for 16-26% less
+    compile). Elsewhere separate traces: the shared trace gates the convolutions' kernel
+    gradients on CPU only, and it has not been measured on accelerators."""
+    if config.shared_trace is not None:
+        return config.shared_trace
+    supported = config.order == 1 or config.estimator == "finite_difference"
+    if checkpointed is not None and (supported or not checkpointed):
+        return checkpointed
+    return config.order == 2 and config.estimator == "finite_difference" and jax.default_backend() == "cpu"
+
+
 def second_order_gradient(config: SearchConfig, steps_per_epoch: int) -> UnrolledGradient:
     """The `arch_grad` of `search_step` for `config.order == 2` (see `UnrolledGradient`)."""
     return UnrolledGradient(config, steps_per_epoch)
@@ -718,6 +739,12 @@ def search(
         raise ValueError(
             f"{checkpoint_dir} holds checkpoints of a search: continue it with resume=True, or use another directory"
         )
+    found = _checkpoint.latest(checkpoint_dir) if resume else None
+    if found is not None and found[1].get("config"):
+        checkpointed = {**ADDED_AFTER_CHECKPOINTS, **found[1]["config"]}["shared_trace"]
+    else:
+        checkpointed = None
+    config = config.replace(shared_trace=resolve_shared_trace(config, checkpointed))
     mesh = _parallel.data_mesh(devices)
     _parallel.check_batch(config.batch_size, mesh)
     data = load(data)
@@ -754,7 +781,6 @@ def search(
 
     history, epoch_metrics, start_epoch, start_step, last_checkpoint = [], [], 0, 0, None
     if resume:
-        found = _checkpoint.latest(checkpoint_dir)
         if found is None:
             warnings.warn(f"no checkpoint in {checkpoint_dir}: starting a new search", CheckpointWarning, stacklevel=2)
         else:

@@ -28,15 +28,15 @@ FD = ["--order", "2", "--estimator", "finite_difference"]
 # (label, runner, arguments): runner "torch" is the PyTorch reference, "eqx" bench_search.py
 BLOCK = [
     ("order 1, eager PyTorch", "torch", ["--order", "1", *SMALL]),
-    ("order 1, darts_eqx, two traces (default)", "eqx", SMALL),
+    ("order 1, darts_eqx, two traces (default)", "eqx", [*SMALL, "--no-shared-trace"]),
     ("order 1, darts_eqx, shared trace", "eqx", [*SMALL, "--shared-trace"]),
     ("order 2 (FD), eager PyTorch", "torch", ["--order", "2", *SMALL]),
-    ("order 2 (FD), darts_eqx, four traces (default)", "eqx", [*FD, *SMALL]),
-    ("order 2 (FD), darts_eqx, shared trace", "eqx", [*FD, *SMALL, "--shared-trace"]),
+    ("order 2 (FD), darts_eqx, four traces", "eqx", [*FD, *SMALL, "--no-shared-trace"]),
+    ("order 2 (FD), darts_eqx, shared trace (default)", "eqx", [*FD, *SMALL, "--shared-trace"]),
     ("order 1, eager PyTorch (again)", "torch", ["--order", "1", *SMALL]),
-    ("compile C=16 L=8 B=64, order 1, two traces", "eqx", LARGE),
-    ("compile C=16 L=8 B=64, order 2 (FD), four traces", "eqx", [*FD, *LARGE]),
-    ("compile C=16 L=8 B=64, order 2 (FD), shared trace", "eqx", [*FD, *LARGE, "--shared-trace"]),
+    ("compile C=16 L=8 B=64, order 1, two traces (default)", "eqx", [*LARGE, "--no-shared-trace"]),
+    ("compile C=16 L=8 B=64, order 2 (FD), four traces", "eqx", [*FD, *LARGE, "--no-shared-trace"]),
+    ("compile C=16 L=8 B=64, order 2 (FD), shared trace (default)", "eqx", [*FD, *LARGE, "--shared-trace"]),
 ]
 
 

@@ -33,6 +33,7 @@ from darts_eqx._search import (
     build_supernet,
     initial_state,
     make_chunk_fn,
+    resolve_shared_trace,
     second_order_gradient,
     weight_optimizer,
 )
@@ -52,8 +53,10 @@ def main():
     parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS K (1: plain DARTS)")
     parser.add_argument(
         "--shared-trace",
-        action="store_true",
-        help="one traced gradient per step (order 1, or 2 with finite_difference)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one traced gradient per step (order 1, or 2 with finite_difference), or one per phase "
+        "(default: the library's choice, `resolve_shared_trace`)",
     )
     parser.add_argument("--compile-cache", help="JAX persistent compilation cache directory (default: none)")
     parser.add_argument("--compile-only", action="store_true", help="lower and compile one chunk, do not run it")
@@ -72,6 +75,7 @@ def main():
         estimator=a.estimator,
         shared_trace=a.shared_trace,
     )
+    config = config.replace(shared_trace=resolve_shared_trace(config))
     key = jax.random.key(0)
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
     arch, weights, static = dx.split_arch(model)

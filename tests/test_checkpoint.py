@@ -95,6 +95,18 @@ def test_checkpoint_without_a_newer_option_resumes_at_its_default(plain, run_dir
     assert_same_search(plain, resumed)
 
 
+def test_a_resume_keeps_the_trace_form_its_checkpoint_ran_with(tmp_path):
+    # By default (shared_trace=None) a resumed search continues with the trace form its checkpoint
+    # was written with, so it is the same search bit for bit, whatever the default for new ones.
+    options = dict(checkpoint_dir=tmp_path / "checkpoints", checkpoint_every=2, **OPTIONS)
+    full = dx.search(jax.random.key(KEY), DATA, shared_trace=True, **options)
+    assert manifest(tmp_path / "checkpoints" / "step-000000010")["config"]["shared_trace"] is True
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000000012")
+    resumed = dx.search(jax.random.key(KEY), DATA, resume=True, **options)
+    assert resumed.config.shared_trace is True
+    assert_same_search(full, resumed)
+
+
 def test_resuming_a_finished_search_returns_it(plain, run_dir):
     resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=run_dir, checkpoint_every=2, resume=True, **OPTIONS)
     assert_same_search(plain, resumed)

@@ -15,6 +15,7 @@ from darts_eqx._search import (
     arch_optimizer,
     build_supernet,
     make_chunk_fn,
+    resolve_shared_trace,
     weight_optimizer,
 )
 
@@ -133,8 +134,29 @@ def test_non_bool_switch_is_an_error(name):
     # `__post_init__` must, or a truthy string would switch the option on.
     config = SearchConfig()
     object.__setattr__(config, name, "yes")
-    with pytest.raises(ValueError, match=rf"`{name}` \(='yes'\) must be True or False"):
+    with pytest.raises(ValueError, match=rf"`{name}` \(='yes'\) must be True(,| or) False"):
         config.__post_init__()
+
+
+def test_the_trace_form_is_chosen_per_search_and_kept_on_resume(monkeypatch):
+    # None (default) picks the shared trace where it is the better trade (on CPU, second order
+    # with finite differences: half the compile, two-thirds of the memory), separate traces for
+    # the exact estimator (which cannot share); a resumed search keeps what its checkpoint ran
+    # with unless the user chooses; an explicit choice always wins.
+    fd = SearchConfig(order=2, estimator="finite_difference")
+    exact = SearchConfig(order=2)
+    first = SearchConfig()
+    assert resolve_shared_trace(fd) is True
+    assert resolve_shared_trace(exact) is False
+    assert resolve_shared_trace(first) is False
+    assert resolve_shared_trace(fd, checkpointed=False) is False
+    assert resolve_shared_trace(first, checkpointed=True) is True
+    assert resolve_shared_trace(exact, checkpointed=True) is False  # the checkpoint's form cannot apply
+    assert resolve_shared_trace(fd.replace(shared_trace=False), checkpointed=True) is False
+    assert resolve_shared_trace(first.replace(shared_trace=True)) is True
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # not measured there: separate traces
+    assert resolve_shared_trace(fd) is False
+    assert resolve_shared_trace(fd, checkpointed=True) is True
 
 
 def test_donated_state_is_not_reused():
