@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="trace the supernet's gradient once per step (first order, or order 2 with finite_difference) or "
         "once per phase: the shared trace compiles faster and holds less memory, and runs a little slower "
-        "(default: shared for order 2 with finite_difference)",
+        "(default: shared for order 2 with finite_difference on CPU)",
     )
     s.add_argument("--beta-reg", type=float, help="beta-DARTS regularisation strength (ramped from 0; default off)")
     s.add_argument("--aux-skip", type=float, help="DARTS-: auxiliary skip weight, decaying to 0 (paper: 1)")

@@ -89,10 +89,10 @@ class SearchConfig:
       or second order with `finite_difference`; see `search_step`) instead of once per phase. The
       same search up to floating-point rounding. None (default): on CPU the shared trace for
       second order with finite differences, separate traces otherwise (`resolve_shared_trace`);
-      on a resume, what the checkpoint ran with. On CPU at C=8, layers=5, second order (finite differences):
-      the shared trace compiles in about half the time, peaks at 1.8-2.0 GB against 2.9-3.0 GB, and
-      runs 2-12% slower in the latest runs (18-27% in earlier ones); first order: 20% slower
-      (experiments/README.md).
+      on a resume, what the checkpoint ran with. On CPU at C=8, layers=5, second order with finite
+      differences, the shared trace compiles in about half the time, peaks at 1.8-2.0 GB against
+      2.9-3.0 GB, and runs 2-12% slower in the latest runs (18-27% in earlier ones); in first
+      order it runs 16-20% slower (experiments/README.md).
     """
 
     space: str = "darts"
