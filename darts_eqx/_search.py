@@ -156,7 +156,7 @@ class SearchConfig:
             raise ValueError(f"`hessian` (={self.hessian!r}) must be True or False")
         if self.shared_trace is not None and not isinstance(self.shared_trace, bool):
             raise ValueError(f"`shared_trace` (={self.shared_trace!r}) must be True, False or None (automatic)")
-        if self.shared_trace and self.order == 2 and self.estimator != "finite_difference":
+        if self.shared_trace and not _can_share_trace(self):
             raise ValueError(
                 f"`shared_trace` with order 2 needs estimator 'finite_difference', not {self.estimator!r} "
                 "(the exact estimator differentiates through the virtual step)"
@@ -167,6 +167,12 @@ class SearchConfig:
     def replace(self, **changes) -> "SearchConfig":
         """A copy with `changes`; unknown option names are an error naming them."""
         return replace_known(self, "search", changes)
+
+
+def _can_share_trace(config: SearchConfig) -> bool:
+    """Whether the step can trace one gradient for all its phases: first order, or second order
+    with finite differences (the exact estimator differentiates through the virtual step)."""
+    return config.order == 1 or config.estimator == "finite_difference"
 
 
 class SearchState(eqx.Module):
@@ -537,10 +543,10 @@ def resolve_shared_trace(config: SearchConfig, checkpointed: bool | None = None)
     gradients on CPU only, and it has not been measured on accelerators."""
     if config.shared_trace is not None:
         return config.shared_trace
-    supported = config.order == 1 or config.estimator == "finite_difference"
+    supported = _can_share_trace(config)
     if checkpointed is not None and (supported or not checkpointed):
         return checkpointed
-    return config.order == 2 and config.estimator == "finite_difference" and jax.default_backend() == "cpu"
+    return supported and config.order == 2 and jax.default_backend() == "cpu"
 
 
 def second_order_gradient(config: SearchConfig, steps_per_epoch: int) -> UnrolledGradient:
@@ -653,11 +659,16 @@ def _unsaved(saved: SearchState, impl: str) -> SearchState:
     return eqx.tree_at(lambda s: s.key, saved, jax.random.wrap_key_data(saved.key, impl=impl))
 
 
+def _checkpoint_config(manifest: dict) -> dict:
+    """The search config a checkpoint's manifest records; an option added since counts as the
+    value it ran with (`ADDED_AFTER_CHECKPOINTS`). Empty when the manifest records none."""
+    old = manifest.get("config", {})
+    return {**ADDED_AFTER_CHECKPOINTS, **old} if old else old
+
+
 def _check_resumable(path: str, manifest: dict, expected: dict, allow_changes) -> None:
     """Raise `CheckpointError` naming every way the checkpoint at `path` is not this search's."""
-    old, new = manifest.get("config", {}), expected["config"]
-    if old:  # written before an option existed: it ran as that option's value below does
-        old = {**ADDED_AFTER_CHECKPOINTS, **old}
+    old, new = _checkpoint_config(manifest), expected["config"]
     differing = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     blocked = [k for k in differing if k not in allow_changes]
     problems = []
@@ -740,10 +751,7 @@ def search(
             f"{checkpoint_dir} holds checkpoints of a search: continue it with resume=True, or use another directory"
         )
     found = _checkpoint.latest(checkpoint_dir) if resume else None
-    if found is not None and found[1].get("config"):
-        checkpointed = {**ADDED_AFTER_CHECKPOINTS, **found[1]["config"]}["shared_trace"]
-    else:
-        checkpointed = None
+    checkpointed = None if found is None else _checkpoint_config(found[1]).get("shared_trace")
     config = config.replace(shared_trace=resolve_shared_trace(config, checkpointed))
     mesh = _parallel.data_mesh(devices)
     _parallel.check_batch(config.batch_size, mesh)
