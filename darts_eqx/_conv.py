@@ -421,15 +421,17 @@ _gated_einsum.defvjp(_gated_einsum_fwd, _gated_einsum_bwd)
 def max_pool(x: Float[Array, "b h w c"], stride: int) -> Float[Array, "b ho wo c"]:
     """3x3 max pool, padding 1 (padding never wins the max). The gradient goes to the first
     maximum of each window in row-major order, as `lax.reduce_window`'s and PyTorch's do."""
-    return _max_pool(x, stride)
+    return _max_pool(x, stride, x.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool(x, stride: int):
-    return _max_pool_fwd(x, stride)[0]
+# The input's shape is a static argument, not a residual: residuals must be arrays when the
+# pool is differentiated inside a nested `jax.jit` (as `_search._loss_gradient` is).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool(x, stride: int, shape):
+    return _max_pool_fwd(x, stride, shape)[0]
 
 
-def _max_pool_fwd(x, stride):
+def _max_pool_fwd(x, stride, shape):
     # The winner's window position is kept (int8) so the backward pass is 9 masked pads of the
     # cotangent. Differentiating the chain of `maximum`s instead made XLA:CPU recompute the chain
     # per tap inside one fusion: ~30 ms per pool at batch 32, 32x32x8 (experiments/README.md).
@@ -439,11 +441,11 @@ def _max_pool_fwd(x, stride):
         wins = view > out
         out = jnp.where(wins, view, out)
         winner = jnp.where(wins, jnp.int8(tap), winner)
-    return out, (winner, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return out, winner
 
 
-def _max_pool_bwd(stride, residuals, g):
-    winner, x_spec = residuals
+def _max_pool_bwd(stride, shape, winner, g):
+    x_spec = jax.ShapeDtypeStruct(shape, g.dtype)
     spread = jax.linear_transpose(lambda x: shifted_windows(x, 3, stride, 1), x_spec)
     zero = jnp.zeros((), g.dtype)
     return spread([jnp.where(winner == tap, g, zero) for tap in range(9)])

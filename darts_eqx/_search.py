@@ -344,19 +344,40 @@ def search_step(
             )
         return _gated_second_order_step(state, static, w_opt, a_opt, train_batch, val_batch, arch_grad, arch_reg, view)
     if arch_grad is None:
-        (val_loss, val_acc), a_grads = eqx.filter_value_and_grad(
-            lambda a, *rest: supernet_loss(view(a), *rest), has_aux=True
-        )(state.arch, state.weights, static, *val_batch)
+        loss_gradient = _loss_gradient(static, arch_view)
+        (val_loss, val_acc), (_, a_grads) = loss_gradient(state.weights, state.arch, state.step, *val_batch)
     else:
         (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
     a_grads = _regularised(a_grads, state, arch_reg)
     stepped = _alpha_update(state, a_opt, a_grads)
-    (train_loss, train_acc), w_grads = eqx.filter_value_and_grad(_weight_loss, has_aux=True)(
-        stepped.weights, view(stepped.arch), static, *train_batch
-    )
+    if arch_grad is None:
+        (train_loss, train_acc), (w_grads, _) = loss_gradient(stepped.weights, stepped.arch, state.step, *train_batch)
+    else:
+        (train_loss, train_acc), w_grads = eqx.filter_value_and_grad(_weight_loss, has_aux=True)(
+            stepped.weights, view(stepped.arch), static, *train_batch
+        )
     new = dataclasses.replace(_weight_update(stepped, w_opt, w_grads), step=state.step + 1)
     norms = optax.tree.norm(w_grads), optax.tree.norm(a_grads)  # before clipping: for the NaN guard
     return new, StepMetrics(train_loss, train_acc, val_loss, val_acc, *norms)
+
+
+def _loss_gradient(static, arch_view):
+    """`loss_gradient(weights, arch, step, x, y) -> ((loss, acc), (grad_w, grad_alpha))`, jitted,
+    for both gradients of a first-order step (alpha's on the validation batch, the weights' on the
+    training batch). Called twice with the same shapes inside the step, it is traced and lowered
+    once and called twice; XLA inlines both calls and drops the gradient each one does not use,
+    so the step computes what two separately traced gradients compute, for about half of JAX's
+    tracing and lowering time (experiments/README.md)."""
+
+    @jax.jit
+    def loss_gradient(weights, arch, step, x, y):
+        def loss(wa):
+            arch_in = wa[1] if arch_view is None else arch_view(wa[1], step)
+            return supernet_loss(arch_in, wa[0], static, x, y)
+
+        return eqx.filter_value_and_grad(loss, has_aux=True)((weights, arch))
+
+    return loss_gradient
 
 
 def _regularised(a_grads, state: SearchState, arch_reg):

@@ -226,3 +226,52 @@ def test_shared_trace_step_equals_the_two_trace_step(getkey):
     for a, b in zip(got_metrics, want_metrics):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     assert int(got.step) == 2
+
+
+def test_first_order_step_is_the_papers_alternation_with_one_traced_gradient(getkey):
+    # The two-trace first-order step against plain JAX: alpha's gradient on the validation batch
+    # through the view (DARTS-'s auxiliary skip) plus the regulariser's, alpha's Adam step, then
+    # the weights' gradient on the training batch at the new alpha, and their SGD step. Its two
+    # gradients come from one jitted function, traced once and called twice.
+    from darts_eqx._guards import aux_skip_view
+    from darts_eqx._loss import supernet_loss
+    from darts_eqx._search import search_step
+
+    config = SearchConfig(space="seed", channels=4, layers=1, batch_size=8)
+    model = build_supernet(config, (8, 8, 3), 10, key=getkey())
+    arch, weights, static = dx.split_arch(model)
+    w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
+    state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.array(1, jnp.int32), getkey())
+    x = jax.random.normal(getkey(), (16, 8, 8, 3))
+    y = jax.random.randint(getkey(), (16,), 0, 10)
+    train, val = (x[:8], y[:8]), (x[8:], y[8:])
+    view = aux_skip_view(dx.SEED_SPACE.op_names, 1.0, epochs=4, steps_per_epoch=1)
+
+    def reg(arch, step):
+        return 0.5 * sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(arch))
+
+    def step(state):
+        return search_step(state, static, w_opt, a_opt, train, val, arch_reg=reg, arch_view=view)
+
+    got, metrics = jax.jit(step)(state)
+
+    a_grads = jax.grad(lambda a: supernet_loss(view(a, state.step), weights, static, *val)[0] + reg(a, 0))(arch)
+    a_updates, _ = a_opt.update(a_grads, state.a_opt_state, arch)
+    new_arch = eqx.apply_updates(arch, a_updates)
+    w_grads = jax.grad(lambda w: supernet_loss(view(new_arch, state.step), w, static, *train)[0])(weights)
+    w_updates, _ = w_opt.update(w_grads, state.w_opt_state, weights)
+    for a, b in zip(jax.tree.leaves(got.arch), jax.tree.leaves(new_arch)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(got.weights), jax.tree.leaves(eqx.apply_updates(weights, w_updates))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics.a_grad_norm, optax_norm(a_grads), rtol=1e-5)
+    np.testing.assert_allclose(metrics.w_grad_norm, optax_norm(w_grads), rtol=1e-5)
+
+    eqns = jax.make_jaxpr(step)(state).eqns
+    calls = [e for e in eqns if e.primitive.name in ("pjit", "jit") and e.params["name"] == "loss_gradient"]
+    assert len(calls) == 2
+    assert calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
+
+
+def optax_norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))))
