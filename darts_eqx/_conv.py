@@ -23,13 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from . import _native
 
 _IMPLS = ("native", "canonical")
-CONV_OUTPUT = "darts_eqx_conv"  # checkpoint name of the canonical convolutions' outputs
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -155,13 +153,9 @@ def conv2d(
     the gradient formulation (default `conv_impl()`), both compute the same function."""
     impl = impl or conv_impl()
     if impl == "canonical":
-        # Named so that rematerialisation can keep it: a custom VJP's output is not a `dot` to
-        # `dots_saveable`, and recomputing every conv in the backward pass costs a third more.
         if _GATES:
-            out = _gated_conv(x, weight, _GATES[-1], stride, padding, dilation)
-        else:
-            out = _canonical_conv(x, weight, stride, padding, dilation)
-        return checkpoint_name(out, CONV_OUTPUT)
+            return _gated_conv(x, weight, _GATES[-1], stride, padding, dilation)
+        return _canonical_conv(x, weight, stride, padding, dilation)
     if impl != "native":
         raise ValueError(f"conv impl (={impl!r}) must be one of {_IMPLS}")
     return _conv(x, weight, stride, padding, dilation)
@@ -300,8 +294,7 @@ def depthwise_conv2d_edges(
     if stride < 1 or dilation < 1 or padding < 0:
         raise ValueError(f"stride (={stride}) and dilation (={dilation}) must be >= 1, padding (={padding}) >= 0")
     _native.require_depthwise_kernel()
-    out = _depthwise(x, kernels, _GATES[-1] if _GATES else None, (stride, padding, dilation))
-    return checkpoint_name(out, CONV_OUTPUT)
+    return _depthwise(x, kernels, _GATES[-1] if _GATES else None, (stride, padding, dilation))
 
 
 def separable_kernel(
@@ -393,7 +386,7 @@ def weight_einsum(spec: str, x, weight):
     alternating pairs, compile 2-5 s longer.)"""
     if not _GATES:
         return jnp.einsum(spec, x, weight)
-    return checkpoint_name(_gated_einsum(x, weight, _GATES[-1], spec), CONV_OUTPUT)
+    return _gated_einsum(x, weight, _GATES[-1], spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -35,7 +35,6 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import SearchCell, check_partial_channels, edge_index, preprocess
 from ._conv import (
-    CONV_OUTPUT,
     avg_pool,
     conv2d,
     depthwise_conv2d_edges,
@@ -202,11 +201,9 @@ class SourceOps(eqx.Module):
             return None, out
 
         seconds = (self.sep3_dw2, self.sep3_pw2, self.sep5_dw2, self.sep5_pw2)
-        # Rematerialise each edge's elementwise work (ReLUs, BN, mixing) in the backward pass, as
-        # `FusedCell` does per source: the scan then stacks only the convolution outputs per edge
-        # instead of every intermediate. C=8, layers=5: compile 48.6 -> 44.0 s (mean of 5), same
-        # speed; layers=8: 8-17% less compile (experiments/README.md).
-        edge_body = jax.checkpoint(edge_out, policy=_KEEP_CONVS)
+        # Recompute each edge in the backward pass from its inputs, as `FusedCell` does per source
+        # (`_REMAT`): the scan then stacks nothing per edge but what it reads anyway.
+        edge_body = jax.checkpoint(edge_out, policy=_REMAT)
         _, outs = lax.scan(edge_body, None, (tuple(per_edge), seconds, skip_weights, weights))
         return outs
 
@@ -254,9 +251,14 @@ def _pad_edges(ops: SourceOps, width: int) -> SourceOps:
     return assemble(SourceOps, **arrays, edges=width, channels=ops.channels, stride=ops.stride)
 
 
-_KEEP_CONVS = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
-)
+# Each source's ops (and each edge's second stage) are recomputed whole in the backward pass,
+# keeping only their inputs. Keeping the convolution and matmul outputs instead made the scans
+# stack every one of them per source and edge, and copy each (JAX's reduce-precision on saved
+# residuals): back to back at C=8, layers=5, batch 32, first order, XLA's temporaries 928 -> 167
+# MB, 0.86-0.92 -> 0.90-0.97 steps/s, compile peak 1.90-1.97 -> 1.80-1.84 GB; second order
+# (shared trace) 665 -> 147 MB, 0.264 -> 0.298 steps/s; C=16, layers=8, batch 64, first order:
+# 6.07 -> 0.82 GB of temporaries, lower + compile 69.5 -> 63.4 s. (Without remat: 4.7 GB at C=8.)
+_REMAT = jax.checkpoint_policies.nothing_saveable
 
 
 def destinations(source: int, steps: int) -> tuple[int, ...]:
@@ -345,10 +347,7 @@ class FusedCell(eqx.Module):
             current = lax.dynamic_slice_in_dim(nodes, base, out.shape[0], axis=0)
             return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
 
-        # Rematerialise each source's ops in the backward pass, keeping only convolution and matmul
-        # outputs (C=8: 3.1 GB peak instead of 4.7 GB without remat; keeping the convs as well as
-        # the matmuls measured 10% faster than recomputing them, for 0.4 GB more).
-        apply = jax.checkpoint(source_out, policy=_KEEP_CONVS)
+        apply = jax.checkpoint(source_out, policy=_REMAT)
         ops, mix, base = stacked((0, 1))
 
         def input_step(nodes, xs):
