@@ -255,9 +255,10 @@ def _pad_edges(ops: SourceOps, width: int) -> SourceOps:
 # keeping only their inputs. Keeping the convolution and matmul outputs instead made the scans
 # stack every one of them per source and edge, and copy each (JAX's reduce-precision on saved
 # residuals): back to back at C=8, layers=5, batch 32, first order, XLA's temporaries 928 -> 167
-# MB, 0.86-0.92 -> 0.90-0.97 steps/s, compile peak 1.90-1.97 -> 1.80-1.84 GB; second order
-# (shared trace) 665 -> 147 MB, 0.264 -> 0.298 steps/s; C=16, layers=8, batch 64, first order:
-# 6.07 -> 0.82 GB of temporaries, lower + compile 69.5 -> 63.4 s. (Without remat: 4.7 GB at C=8.)
+# MB, 0.86-0.92 -> 0.90-0.97 steps/s (the process's peak is the compile's, nearly unchanged);
+# second order (shared trace) 665 -> 147 MB, 0.264 -> 0.298 steps/s; C=16, layers=8, batch 64,
+# first order: 6.07 -> 0.82 GB of temporaries, lower + compile 69.5 -> 63.4 s. PC-DARTS (K=4)
+# runs about 7% slower this way. (Without remat: 4.7 GB at C=8.)
 _REMAT = jax.checkpoint_policies.nothing_saveable
 
 
