@@ -23,7 +23,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2  # 2: the supernet's cells store their ops stacked per source group
+READS = (1, 2)  # 1: per source, read through `_fused.per_source_view`
 _NAME = re.compile(r"^step-(\d{9})$")
 
 
@@ -121,8 +122,8 @@ def _read_manifest(path: str) -> dict:
         raise CheckpointError("manifest is not a darts_eqx checkpoint manifest")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise CheckpointError("manifest.json does not match its checksum (corrupted)")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint format {manifest.get('format')!r}, this darts_eqx reads {FORMAT}")
+    if manifest.get("format") not in READS:
+        raise CheckpointError(f"checkpoint format {manifest.get('format')!r}, this darts_eqx reads {list(READS)}")
     try:
         with open(os.path.join(path, "arrays.eqx"), "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()

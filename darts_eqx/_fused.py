@@ -262,6 +262,20 @@ def _pad_edges(ops: SourceOps, width: int) -> SourceOps:
 _REMAT = jax.checkpoint_policies.nothing_saveable
 
 
+def _stacked(sources: list[SourceOps]) -> SourceOps:
+    """`sources` as one `SourceOps` with a leading source axis, padded to the widest edge count."""
+    width = max(ops.edges for ops in sources)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[_pad_edges(ops, width) for ops in sources])
+
+
+def _unstacked(group: SourceOps, row: int, edges: int) -> SourceOps:
+    """Row `row` of a stacked `SourceOps`, its first `edges` edges."""
+    fields = {f.name: getattr(group, f.name) for f in dataclasses.fields(group)}
+    static = ("edges", "channels", "stride")
+    arrays = {k: None if v is None else v[row, :edges] for k, v in fields.items() if k not in static}
+    return assemble(SourceOps, **arrays, edges=edges, channels=group.channels, stride=group.stride)
+
+
 def destinations(source: int, steps: int) -> tuple[int, ...]:
     """Intermediate nodes fed by state `source` (0, 1: cell inputs; k + 2: node k)."""
     return tuple(range(max(0, source - 1), steps))
@@ -273,7 +287,14 @@ class FusedCell(eqx.Module):
 
     preprocess0: eqx.Module
     preprocess1: eqx.Module
-    sources: tuple[SourceOps, ...]
+    # The ops leaving each source, stored as the two scans over sources read them: the two cell
+    # inputs' (4 edges each) stacked, and the intermediate nodes' stacked with their edges padded
+    # with zero weights to the widest (None with a single node). Stacking them in every forward pass
+    # instead cost 33 distinct kernels per step and their gradients' slices; stored stacked, the
+    # C=8 chunk has 915 distinct kernels instead of 1,012, XLA's compile peak is about 105 MiB lower
+    # and the step about 5% faster (experiments/README.md). `source_ops(i)` is source i's own view.
+    inputs: SourceOps
+    nodes: SourceOps | None
     reduction: bool = eqx.field(static=True)
     steps: int = eqx.field(static=True)
     multiplier: int = eqx.field(static=True)
@@ -296,10 +317,12 @@ class FusedCell(eqx.Module):
         k0, k1, ks = jax.random.split(key, 3)
         self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
         self.preprocess1 = preprocess(c_prev, channels, False, False, key=k1)
-        self.sources = tuple(
+        sources = [
             SourceOps(channels // partial_channels, len(destinations(i, steps)), 2 if reduction and i < 2 else 1, key=k)
             for i, k in enumerate(jax.random.split(ks, steps + 1))
-        )
+        ]
+        self.inputs = _stacked(sources[:2])
+        self.nodes = _stacked(sources[2:]) if steps > 1 else None
         self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
         self.partial_channels = partial_channels
 
@@ -315,18 +338,16 @@ class FusedCell(eqx.Module):
         # what bounds DARTS on XLA. Padded edges have zero mixing weights and land in spare rows.
         h0, h1 = self.preprocess0(s0), self.preprocess1(s1)
         b, h, w, c = h1.shape
-        stride = self.sources[0].stride
+        stride = self.inputs.stride
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         nodes = jnp.zeros((2 * self.steps, b, ho, wo, c), h1.dtype)
 
         k = self.partial_channels
         betas = jnp.ones(weights.shape[:1], weights.dtype) if edge_weights is None else edge_weights
 
-        def stacked(sources):
-            # Per source: its ops padded to `width` edges, their mixing rows (softmax(alpha), and
-            # the edge-normalisation weights with partial channels; zero for padded edges).
-            width = max(len(destinations(i, self.steps)) for i in sources)
-            padded = [_pad_edges(self.sources[i], width) for i in sources]
+        def mixing(sources, width):
+            # Per source: its mixing rows (softmax(alpha), and the edge-normalisation weights with
+            # partial channels; zero for padded edges) and the first node it feeds.
             mix = []
             for i in sources:
                 dests = destinations(i, self.steps)
@@ -334,7 +355,7 @@ class FusedCell(eqx.Module):
                 rows = jnp.concatenate([weights[index], betas[index, None]], axis=1)
                 mix.append(jnp.zeros((width, rows.shape[1]), weights.dtype).at[: len(dests)].set(rows))
             base = jnp.array([destinations(i, self.steps)[0] for i in sources])
-            return jax.tree.map(lambda *xs: jnp.stack(xs), *padded), jnp.stack(mix), base
+            return jnp.stack(mix), base
 
         def source_out(ops_i, x, mix_i):
             if k == 1:
@@ -349,29 +370,37 @@ class FusedCell(eqx.Module):
             return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
 
         apply = jax.checkpoint(source_out, policy=_REMAT)
-        ops, mix, base = stacked((0, 1))
+        mix, base = mixing((0, 1), self.inputs.edges)
 
         def input_step(nodes, xs):
             ops_i, x, mix_i, base_i = xs
             return add(nodes, apply(ops_i, x, mix_i), base_i), None
 
-        nodes, _ = lax.scan(input_step, nodes, (ops, jnp.stack([h0, h1]), mix, base))
-        node_sources = range(2, len(self.sources))  # none when the cell has a single node
-        if node_sources:
-            ops, mix, base = stacked(node_sources)
+        nodes, _ = lax.scan(input_step, nodes, (self.inputs, jnp.stack([h0, h1]), mix, base))
+        if self.nodes is not None:
+            node_sources = range(2, self.steps + 1)
+            mix, base = mixing(node_sources, self.nodes.edges)
 
             def node_step(nodes, xs):
                 ops_i, source, mix_i, base_i = xs
                 x = lax.dynamic_index_in_dim(nodes, source - 2, axis=0, keepdims=False)
                 return add(nodes, apply(ops_i, x, mix_i), base_i), None
 
-            nodes, _ = lax.scan(node_step, nodes, (ops, jnp.array(list(node_sources)), mix, base))
+            nodes, _ = lax.scan(node_step, nodes, (self.nodes, jnp.array(list(node_sources)), mix, base))
         out = nodes[self.steps - self.multiplier : self.steps]
         return jnp.concatenate(list(out), axis=-1)
 
     def edge_op(self, node: int, source: int, name: str) -> eqx.Module:
         """The op module `name` on the edge `source -> node`, with its supernet weights."""
-        return self.sources[source].edge_op(name, destinations(source, self.steps).index(node))
+        return self.source_ops(source).edge_op(name, destinations(source, self.steps).index(node))
+
+    def source_ops(self, source: int) -> SourceOps:
+        """The ops on the edges leaving state `source` (0, 1: the cell inputs; k + 2: node k) as
+        their own `SourceOps`: its row of the stored stack, without padded edges."""
+        if not 0 <= source <= self.steps:
+            raise ValueError(f"source (={source}) must be a state with outgoing edges, 0..{self.steps}")
+        group, row = (self.inputs, source) if source < 2 else (self.nodes, source - 2)
+        return _unstacked(group, row, len(destinations(source, self.steps)))
 
     def reference(self) -> SearchCell:
         """The same cell as a per-edge `SearchCell` of `MixedOp`s, sharing these weights."""
@@ -406,3 +435,56 @@ def assemble(cls, **fields):
     for name, value in fields.items():
         object.__setattr__(module, name, value)
     return module
+
+
+class _PerSourceCell(eqx.Module):
+    """A `FusedCell`'s arrays in the order of its layout before the stacked one (checkpoint
+    format 1): `preprocess0`, `preprocess1`, then each source's own `SourceOps`."""
+
+    preprocess0: eqx.Module
+    preprocess1: eqx.Module
+    sources: tuple[SourceOps, ...]
+    reduction: bool = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    multiplier: int = eqx.field(static=True)
+    partial_channels: int = eqx.field(static=True)
+
+
+def _is_cell(x) -> bool:
+    return isinstance(x, FusedCell | _PerSourceCell)
+
+
+def per_source_view(tree):
+    """`tree` (weights, or an optimiser state shaped like them) with each `FusedCell` as its
+    per-source view, whose leaves come in the order a format-1 checkpoint stored them."""
+
+    def view(x):
+        if not isinstance(x, FusedCell):
+            return x
+        sources = tuple(x.source_ops(i) for i in range(x.steps + 1))
+        return _PerSourceCell(
+            x.preprocess0, x.preprocess1, sources, x.reduction, x.steps, x.multiplier, x.partial_channels
+        )
+
+    return jax.tree.map(view, tree, is_leaf=_is_cell)
+
+
+def from_per_source_view(tree):
+    """The inverse of `per_source_view`: each per-source view as a `FusedCell` again."""
+
+    def cell(x):
+        if not isinstance(x, _PerSourceCell):
+            return x
+        return assemble(
+            FusedCell,
+            preprocess0=x.preprocess0,
+            preprocess1=x.preprocess1,
+            inputs=_stacked(list(x.sources[:2])),
+            nodes=_stacked(list(x.sources[2:])) if len(x.sources) > 2 else None,
+            reduction=x.reduction,
+            steps=x.steps,
+            multiplier=x.multiplier,
+            partial_channels=x.partial_channels,
+        )
+
+    return jax.tree.map(cell, tree, is_leaf=_is_cell)

@@ -31,6 +31,7 @@ from ._config import non_negative, positive, positive_ints, replace_known
 from ._conv import kernel_gradient_gate
 from ._data import load
 from ._discretize import derive_genotype, discretize
+from ._fused import from_per_source_view, per_source_view
 from ._genotype import Genotype
 from ._guards import aux_skip_view, beta_regularizer, grew, hessian_eigenvalue, ramp
 from ._loss import supernet_loss
@@ -806,7 +807,11 @@ def search(
         else:
             last_checkpoint, manifest = found
             _check_resumable(last_checkpoint, manifest, identity, allow_changes)
-            state = _unsaved(_checkpoint.load_arrays(last_checkpoint, _saved(state)), key_impl)
+            # format 1 stored each cell's ops per source: read through that view, then stack
+            per_source = manifest["format"] == 1
+            like = per_source_view(_saved(state)) if per_source else _saved(state)
+            loaded = _checkpoint.load_arrays(last_checkpoint, like)
+            state = _unsaved(from_per_source_view(loaded) if per_source else loaded, key_impl)
             state = _parallel.replicate(state, mesh)
             start_epoch, start_step, history = manifest["epoch"], manifest["epoch_step"], manifest["history"]
             if start_step % chunk_len:  # written with another chunking: shorter chunks, same result

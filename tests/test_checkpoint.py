@@ -2,6 +2,7 @@
 checkpoint, clear errors for a checkpoint of another search, and the NaN guard keeping the last
 good checkpoint."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from helpers import tiny_arrays
 
 import darts_eqx as dx
 from darts_eqx import _checkpoint, _search
+from darts_eqx._fused import per_source_view
 
 # 64 images per half / batch 16 = 4 steps per epoch; checkpoint_every=2 gives chunks of 2 steps, so
 # checkpoints fall mid-epoch (steps 2, 6, 10) and at epoch ends (4, 8, 12).
@@ -217,3 +219,29 @@ def test_save_is_atomic_and_load_checks_shapes(tmp_path):
     for step in (2, 3, 4):
         _checkpoint.save(str(tmp_path), step, tree, {}, keep=2)
     assert [s for s, _ in _checkpoint.list_checkpoints(str(tmp_path))] == [4, 3]
+
+
+def test_a_format_1_checkpoint_of_per_source_cells_resumes_bit_exact(tmp_path):
+    # Before checkpoint format 2 the DARTS cells stored one `SourceOps` per source; such a
+    # checkpoint is read through `per_source_view` and resumes the same search bit for bit.
+    options = dict(space="darts", channels=4, layers=1, epochs=1, batch_size=16, progress=False)
+    directory = tmp_path / "checkpoints"
+    full = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=directory, checkpoint_every=2, **options)
+    shutil.rmtree(directory / "step-000000004")
+    path = directory / "step-000000002"
+    config = full.config
+    model = _search.build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
+    arch, weights, _ = dx.split_arch(model)
+    w_opt, a_opt = _search.weight_optimizer(config, 4), _search.arch_optimizer(config)
+    like = _search._saved(_search.initial_state(weights, arch, w_opt, a_opt, jax.random.key(0)))
+    legacy = per_source_view(_checkpoint.load_arrays(str(path), like))
+    edges = [len(jax.tree.leaves(s)[0]) for s in legacy.weights.cells[0].sources]
+    assert edges == [4, 4, 3, 2, 1]  # each source's own edges, no padding
+    data = _checkpoint.serialised(legacy)
+    (path / "arrays.eqx").write_bytes(data)
+    saved = manifest(path)
+    saved.update(format=1, arrays_sha256=hashlib.sha256(data).hexdigest())
+    saved["manifest_sha256"] = _checkpoint._manifest_digest(saved)
+    (path / "manifest.json").write_text(json.dumps(saved))
+    resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=directory, checkpoint_every=2, resume=True, **options)
+    assert_same_search(full, resumed)

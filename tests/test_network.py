@@ -11,14 +11,21 @@ from helpers import conv_impl, random_images, tree_allclose
 import darts_eqx as dx
 from darts_eqx import _native
 from darts_eqx._conv import uses_depthwise_kernel
-from darts_eqx._fused import SourceOps
+from darts_eqx._fused import SourceOps, per_source_view
 
 
 def test_weight_count_matches_original():
     # The original DARTS search model at C=16, layers=8, 10 classes reports 1,930,618 weights.
+    # The fused cells store each source group's ops stacked, nodes padded with zero edges: the
+    # count is of each source's own ops (`per_source_view`), and the padding holds only zeros.
     net = dx.SearchNetwork(16, 8, 10, 3, key=jax.random.key(0))
     arch, weights, _ = dx.split_arch(net)
-    assert sum(x.size for x in jax.tree.leaves(weights)) == 1_930_618
+    assert sum(x.size for x in jax.tree.leaves(per_source_view(weights))) == 1_930_618
+    stored = sum(x.size for x in jax.tree.leaves(weights))
+    nonzero = sum(int(jnp.count_nonzero(x)) for x in jax.tree.leaves(weights))
+    assert stored > 1_930_618 and nonzero == sum(
+        int(jnp.count_nonzero(x)) for x in jax.tree.leaves(per_source_view(weights))
+    )
     assert [x.shape for x in jax.tree.leaves(arch)] == [(14, 8), (14, 8)]
     plain = dx.SearchNetwork(16, 8, 10, 3, fused=False, key=jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(dx.split_arch(plain)[1])) == 1_930_618

@@ -62,7 +62,7 @@ def test_partial_channel_supernet_shapes_and_arch_leaves(pc_pair):
     n_pc = sum(x.size for x in jax.tree.leaves(weights))
     n_plain = sum(x.size for x in jax.tree.leaves(dx.split_arch(plain)[1]))
     assert n_pc < 0.6 * n_plain
-    assert net.cells[0].sources[0].channels == 2
+    assert net.cells[0].inputs.channels == 2
 
 
 def test_fused_partial_channel_cells_compute_the_per_edge_cells(pc_pair):

@@ -10,6 +10,7 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
+from darts_eqx._fused import per_source_view
 from darts_eqx._search import (
     SearchConfig,
     SearchState,
@@ -56,6 +57,12 @@ def test_darts_search_returns_genotype_supernet_network_history(darts_result):
     # 4 steps of alpha Adam moved alpha away from its 1e-3-scale init
     assert float(jnp.abs(r.supernet.alpha_reduce.logits).max()) > 1e-3
     assert r.genotype == dx.derive_genotype(r.supernet)
+    # the cells' zero-padded edges (stored stacked) stay zero through the steps: their outputs
+    # have zero mixing weights, so their gradients, decay and momentum are zero too
+    weights = dx.split_arch(r.supernet)[1]
+    nonzero = [int(jnp.count_nonzero(x)) for x in jax.tree.leaves(weights)]
+    own = [int(jnp.count_nonzero(x)) for x in jax.tree.leaves(per_source_view(weights))]
+    assert sum(nonzero) == sum(own) and sum(x.size for x in jax.tree.leaves(weights)) > sum(own)
     assert len(r.genotype.normal) == 8 and all(op != "none" for op, _ in r.genotype.normal + r.genotype.reduce)
     assert isinstance(r.network, dx.DiscreteNetwork) and r.network.genotype == r.genotype
     # digits, 10 classes: after 8 steps the alpha-step batches are classified far above chance
