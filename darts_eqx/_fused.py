@@ -291,8 +291,9 @@ class FusedCell(eqx.Module):
     # inputs' (4 edges each) stacked, and the intermediate nodes' stacked with their edges padded
     # with zero weights to the widest (None with a single node). Stacking them in every forward pass
     # instead cost 33 distinct kernels per step and their gradients' slices; stored stacked, the
-    # C=8 chunk has 915 distinct kernels instead of 1,012, XLA's compile peak is about 105 MiB lower
-    # and the step about 5% faster (experiments/README.md). `source_ops(i)` is source i's own view.
+    # C=8 chunk has 915 distinct kernels instead of 1,012 and XLA's compile peak is about 105 MiB
+    # lower; the C=16, layers=8 compile 45 -> 34 s, second order 15% faster, first order within
+    # the machine's spread (experiments/README.md). `source_ops(i)` is source i's own view.
     inputs: SourceOps
     nodes: SourceOps | None
     reduction: bool = eqx.field(static=True)
