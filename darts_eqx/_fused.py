@@ -240,15 +240,19 @@ class SourceOps(eqx.Module):
         raise ValueError(f"unknown DARTS op {name!r}; known: {DARTS_SPACE.op_names}")
 
 
+def _with_edges(ops: SourceOps, edges: int, fn) -> SourceOps:
+    """`ops` with `fn` applied to each weight array, as a `SourceOps` of `edges` edges."""
+    static = ("edges", "channels", "stride")
+    fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops) if f.name not in static}
+    arrays = {k: None if v is None else fn(v) for k, v in fields.items()}
+    return assemble(SourceOps, **arrays, edges=edges, channels=ops.channels, stride=ops.stride)
+
+
 def _pad_edges(ops: SourceOps, width: int) -> SourceOps:
     """`ops` with zero weights appended for `width - ops.edges` extra edges."""
-
-    def pad(x):
-        return jnp.concatenate([x, jnp.zeros((width - x.shape[0],) + x.shape[1:], x.dtype)])
-
-    fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops)}
-    arrays = {k: None if v is None else pad(v) for k, v in fields.items() if k not in ("edges", "channels", "stride")}
-    return assemble(SourceOps, **arrays, edges=width, channels=ops.channels, stride=ops.stride)
+    return _with_edges(
+        ops, width, lambda x: jnp.concatenate([x, jnp.zeros((width - x.shape[0],) + x.shape[1:], x.dtype)])
+    )
 
 
 # Each source's ops (and each edge's second stage) are recomputed whole in the backward pass,
@@ -270,10 +274,7 @@ def _stacked(sources: list[SourceOps]) -> SourceOps:
 
 def _unstacked(group: SourceOps, row: int, edges: int) -> SourceOps:
     """Row `row` of a stacked `SourceOps`, its first `edges` edges."""
-    fields = {f.name: getattr(group, f.name) for f in dataclasses.fields(group)}
-    static = ("edges", "channels", "stride")
-    arrays = {k: None if v is None else v[row, :edges] for k, v in fields.items() if k not in static}
-    return assemble(SourceOps, **arrays, edges=edges, channels=group.channels, stride=group.stride)
+    return _with_edges(group, edges, lambda x: x[row, :edges])
 
 
 def destinations(source: int, steps: int) -> tuple[int, ...]:

@@ -808,8 +808,8 @@ def search(
             last_checkpoint, manifest = found
             _check_resumable(last_checkpoint, manifest, identity, allow_changes)
             # format 1 stored each cell's ops per source: read through that view, then stack
-            per_source = manifest["format"] == 1
-            like = per_source_view(_saved(state)) if per_source else _saved(state)
+            per_source, like = manifest["format"] == 1, _saved(state)
+            like = per_source_view(like) if per_source else like
             loaded = _checkpoint.load_arrays(last_checkpoint, like)
             state = _unsaved(from_per_source_view(loaded) if per_source else loaded, key_impl)
             state = _parallel.replicate(state, mesh)
