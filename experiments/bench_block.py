@@ -4,10 +4,12 @@
 
 In this order: eager PyTorch first order, darts_eqx first order (two traces, then the shared
 trace), eager PyTorch second order, darts_eqx second order with finite differences (four traces,
-then the shared trace), eager PyTorch first order again (the machine's drift over the block), all
-at C=8, layers=5, batch 32, 32x32; then the compile of one chunk (no run) at C=16, layers=8, batch
-64: first order, second order with four traces, second order with the shared trace. Ratios are
-to the PyTorch runs of the same order in the same block. The PyTorch rows need the reference's own
+then the shared trace) and with the exact estimator (`order=2`'s default; eager PyTorch has only
+finite differences, so its ratio is to that), eager PyTorch first order again (the machine's
+drift over the block), all at C=8, layers=5, batch 32, 32x32; then the compile of one chunk (no
+run) at C=16, layers=8, batch 64: first order, second order with four traces, with the shared
+trace, and with the exact estimator. Ratios are to the PyTorch runs of the same order in the
+same block. The PyTorch rows need the reference's own
 virtualenv (`--torch-python`, `pip install torch==2.13.0 numpy`) and `--torch-script`; without
 them the block runs darts_eqx only. Absolute figures on a shared or busy machine are noise: run it
 on an idle one and compare within one block.
@@ -24,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 SMALL = ["--C", "8", "--layers", "5", "--batch", "32", "--image", "32", "--steps", "8"]
 LARGE = ["--C", "16", "--layers", "8", "--batch", "64", "--image", "32", "--steps", "4", "--compile-only"]
 FD = ["--order", "2", "--estimator", "finite_difference"]
+EXACT = ["--order", "2", "--estimator", "exact"]
 
 # (label, runner, arguments): runner "torch" is the PyTorch reference, "eqx" bench_search.py
 BLOCK = [
@@ -33,10 +36,12 @@ BLOCK = [
     ("order 2 (FD), eager PyTorch", "torch", ["--order", "2", *SMALL]),
     ("order 2 (FD), darts_eqx, four traces", "eqx", [*FD, *SMALL, "--no-shared-trace"]),
     ("order 2 (FD), darts_eqx, shared trace (default)", "eqx", [*FD, *SMALL, "--shared-trace"]),
+    ("order 2 (exact), darts_eqx (the default estimator)", "eqx", [*EXACT, *SMALL]),
     ("order 1, eager PyTorch (again)", "torch", ["--order", "1", *SMALL]),
     ("compile C=16 L=8 B=64, order 1, two traces (default)", "eqx", [*LARGE, "--no-shared-trace"]),
     ("compile C=16 L=8 B=64, order 2 (FD), four traces", "eqx", [*FD, *LARGE, "--no-shared-trace"]),
     ("compile C=16 L=8 B=64, order 2 (FD), shared trace (default)", "eqx", [*FD, *LARGE, "--shared-trace"]),
+    ("compile C=16 L=8 B=64, order 2 (exact)", "eqx", [*EXACT, *LARGE]),
 ]
 
 
