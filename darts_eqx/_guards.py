@@ -16,6 +16,7 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from ._mixed import ArchLogits, AuxSkipLogits
 
@@ -61,7 +62,7 @@ def hessian_eigenvalue(loss_of_arch, arch, *, key, iterations: int = 20):
     grad = jax.grad(loss_of_arch)
 
     def hvp(v):
-        return jax.grad(lambda a: _dot(grad(a), v))(arch)
+        return jax.grad(lambda a: optax.tree.vdot(grad(a), v))(arch)
 
     leaves, treedef = jax.tree.flatten(arch)
     keys = jax.random.split(key, len(leaves))
@@ -69,16 +70,12 @@ def hessian_eigenvalue(loss_of_arch, arch, *, key, iterations: int = 20):
 
     def body(_, carry):
         v, _ = carry
-        v = _scale(v, 1.0 / jnp.sqrt(_dot(v, v)))
+        v = _scale(v, 1.0 / jnp.sqrt(optax.tree.vdot(v, v)))
         hv = hvp(v)
-        return hv, _dot(hv, v)
+        return hv, optax.tree.vdot(hv, v)
 
     _, eigenvalue = jax.lax.fori_loop(0, iterations, body, (v, jnp.zeros((), leaves[0].dtype)))
     return eigenvalue
-
-
-def _dot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _scale(tree, s):

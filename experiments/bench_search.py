@@ -131,16 +131,22 @@ def main():
 
 def compile_figures(chunk, inputs, state) -> dict:
     """Lower and compile `chunk` for these arguments without running it."""
+    return lower_and_compile(chunk, inputs, state)[1]
+
+
+def lower_and_compile(fn, *args):
+    """`(compiled, figures)`: `fn` (a jitted function) lowered and compiled for `args`, not run,
+    with the seconds of each stage, the peak RSS so far and XLA's temporaries where reported."""
     start = time.perf_counter()
-    lowered = chunk.lower(inputs, state)
+    lowered = fn.lower(*args)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
     try:  # Equinox's wrapper holds JAX's compiled program; XLA reports its buffers on most backends
-        temp_mb = compiled.compiled.memory_analysis().temp_size_in_bytes / 2**20
+        temp_mb = getattr(compiled, "compiled", compiled).memory_analysis().temp_size_in_bytes / 2**20
     except Exception:  # noqa: BLE001 - a backend without memory analysis
         temp_mb = None
-    return {
+    return compiled, {
         "lower_s": lowered_at - start,
         "xla_compile_s": done - lowered_at,
         "compile_s": done - start,

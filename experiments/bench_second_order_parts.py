@@ -10,22 +10,23 @@ Each part is jitted alone on one random batch, lowered and compiled, not run:
 - `exact`: `arch_gradient(..., estimator="exact")`, the arch step of `order=2`'s default (the
   virtual step, the validation gradient at w', and the mixed term through the virtual step).
 
-Printed: `lower_s`, `xla_compile_s`, the optimised program's fusions, XLA convolutions and
-custom calls (the C++ depthwise kernel's calls), and the peak RSS. One process per part keeps
+Printed: `bench_search.py --compile-only`'s figures (`lower_s`, `xla_compile_s`, `compile_s`,
+`peak_rss_mb`, `temp_mb`), and the optimised program's fusions, XLA convolutions and custom calls
+(the C++ depthwise kernel's calls). One process per part keeps
 each compile's memory its own (`--part`); without it the three run one after another in
 subprocesses.
 """
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from bench_search import lower_and_compile
 
 import darts_eqx as dx
 from darts_eqx._loss import supernet_loss
@@ -43,8 +44,7 @@ def part_function(part: str, static, batch):
     if part == "mixed":
 
         def directional(arch, weights, v):
-            g = jax.grad(loss, argnums=1)(arch, weights)
-            return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+            return optax.tree.vdot(jax.grad(loss, argnums=1)(arch, weights), v)
 
         return jax.grad(directional)
     return lambda arch, weights, v: dx.arch_gradient(arch, weights, static, batch, batch, xi=0.025)
@@ -60,12 +60,7 @@ def measure(a) -> dict:
         jnp.asarray(rng.integers(0, 10, a.batch).astype(np.int32)),
     )
     v = jax.tree.map(jnp.ones_like, weights)
-    fn = jax.jit(part_function(a.part, static, batch))
-    start = time.perf_counter()
-    lowered = fn.lower(arch, weights, v)
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
+    compiled, figures = lower_and_compile(jax.jit(part_function(a.part, static, batch)), arch, weights, v)
     hlo = compiled.as_text()
     return {
         "part": a.part,
@@ -73,12 +68,10 @@ def measure(a) -> dict:
         "layers": a.layers,
         "batch": a.batch,
         "image": a.image,
-        "lower_s": round(lowered_at - start, 1),
-        "xla_compile_s": round(done - lowered_at, 1),
+        **{k: x if x is None else round(x, 1) for k, x in figures.items()},
         "fusions": hlo.count(" fusion("),
         "convolutions": hlo.count("convolution("),
         "custom_calls": hlo.count("custom-call("),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
 
