@@ -8,11 +8,11 @@ then the shared trace) and with the exact estimator (`order=2`'s default; eager 
 finite differences, so its ratio is to that), eager PyTorch first order again (the machine's
 drift over the block), all at C=8, layers=5, batch 32, 32x32; then the compile of one chunk (no
 run) at C=16, layers=8, batch 64: first order, second order with four traces, with the shared
-trace, and with the exact estimator. Ratios are to the PyTorch runs of the same order in the
-same block. The PyTorch rows need the reference's own
-virtualenv (`--torch-python`, `pip install torch==2.13.0 numpy`) and `--torch-script`; without
-them the block runs darts_eqx only. Absolute figures on a shared or busy machine are noise: run it
-on an idle one and compare within one block.
+trace, and with the exact estimator. Ratios are to the PyTorch runs of the same order in the same
+block. The PyTorch rows need the reference's own virtualenv (`--torch-python`, `pip install
+torch==2.13.0 numpy`) and `--torch-script`; without them the block runs darts_eqx only. Absolute
+figures on a shared or busy machine are noise: run it on an idle one and compare within one
+block.
 """
 
 import argparse
