@@ -7,6 +7,18 @@ import pytest
 # session (tests that check the cache pass --compile-cache DIR to a subprocess).
 os.environ["DARTS_EQX_COMPILE_CACHE"] = "off"
 
+# Each pytest-xdist worker is a JAX process of its own, with its own compiles and up to 4.2 GB of
+# memory (seen on 2 cores): four of them fit a 24 GB machine, and with four the longest test
+# files already take a fair share of the wall time.
+MAX_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, MAX_WORKERS)
+
+
 # Implicit rank promotion hides shape bugs; make it an error in the tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
