@@ -13,10 +13,11 @@ os.environ["DARTS_EQX_COMPILE_CACHE"] = "off"
 MAX_WORKERS = 4
 
 
-@pytest.hookimpl(optionalhook=True)
+@pytest.hookimpl(optionalhook=True, wrapper=True)
 def pytest_xdist_auto_num_workers(config):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, MAX_WORKERS)
+    """xdist's own count for `-n auto` (its cores), capped, unless PYTEST_XDIST_AUTO_NUM_WORKERS chose it."""
+    workers = yield
+    return workers if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else min(workers, MAX_WORKERS)
 
 
 # Implicit rank promotion hides shape bugs; make it an error in the tests.
