@@ -202,7 +202,7 @@ class SourceOps(eqx.Module):
 
         seconds = (self.sep3_dw2, self.sep3_pw2, self.sep5_dw2, self.sep5_pw2)
         # Recompute each edge in the backward pass from its inputs, as `FusedCell` does per source
-        # (`_REMAT`): the scan then stacks nothing per edge but what it reads anyway.
+        # (`_remat`): the scan then stacks nothing per edge but what it reads anyway.
         edge_body = _remat(edge_out)
         _, outs = lax.scan(edge_body, None, (tuple(per_edge), seconds, skip_weights, weights))
         return outs
