@@ -1,6 +1,9 @@
 """The DARTS search cell: two preprocessed inputs, `steps` intermediate nodes, each the sum of
 mixed ops over all earlier states, output the channel concatenation of the intermediate nodes."""
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,13 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._mixed import MixedOp, partial_channel_edge
 from ._ops import Earlier, FactorizedReduce, Images, Output, ReLUConvBN
 from ._spaces import SearchSpace
+
+if TYPE_CHECKING:
+    # A module that maps a batch of images to images: an op, or a cell's input preprocessing.
+    OpModule = Callable[[Array], Array]
+else:
+    # At run time fields so annotated are checked (by jaxtyping's import hook) as any `eqx.Module`.
+    OpModule = eqx.Module
 
 
 def edge_index(node: int, source: int) -> int:
@@ -43,8 +53,8 @@ class SearchCell(eqx.Module):
     op, built at channels/k, sees 1/k of the channels) and node j sums its edges weighted by the
     edge-normalisation weights passed to `__call__`."""
 
-    preprocess0: eqx.Module
-    preprocess1: eqx.Module
+    preprocess0: OpModule
+    preprocess1: OpModule
     edges: tuple[MixedOp, ...]
     reduction: bool = eqx.field(static=True)
     steps: int = eqx.field(static=True)
@@ -78,7 +88,7 @@ class SearchCell(eqx.Module):
         self.reduction, self.steps, self.multiplier = reduction, steps, multiplier
         self.partial_channels = partial_channels
 
-    def edge_op(self, node: int, source: int, name: str) -> eqx.Module:
+    def edge_op(self, node: int, source: int, name: str) -> OpModule:
         """The op module `name` on the edge `source -> node`."""
         mixed = self.edges[edge_index(node, source)]
         return mixed.ops[mixed.op_names.index(name)]

@@ -1,40 +1,112 @@
-"""Checks shared by the option dataclasses (`SearchConfig`, `TrainConfig`): each bad value is a
-`ValueError` naming the field and the value."""
+"""What a search computes: `SearchConfig`. How it is run (chunking, tracing, kernels, devices)
+is an `Execution` (`_execution.py`), kept apart so that it never changes a search's identity."""
 
-import dataclasses
+from dataclasses import dataclass
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def positive_ints(config, *names: str, optional: bool = False) -> None:
-    """Each field is an integer >= 1 (or None when `optional`)."""
-    for name in names:
-        value = getattr(config, name)
-        if optional and value is None:
-            continue
-        if not _is_int(value) or value < 1:
-            tail = " or None" if optional else ""
-            raise ValueError(f"`{name}` (={value!r}) must be a positive integer{tail}")
+from ._checks import non_negative, positive, positive_ints, replace_known
+from ._second_order import ESTIMATORS
+from ._spaces import get_space
 
 
-def positive(config, *names: str) -> None:
-    for name in names:
-        if not getattr(config, name) > 0:
-            raise ValueError(f"`{name}` (={getattr(config, name)!r}) must be positive")
+@dataclass(frozen=True)
+class SearchConfig:
+    """Search options; the defaults are the paper's CIFAR-10 search (Liu et al., 2019, App. A.1).
 
+    - `space`: `darts` (the CIFAR search network), `nb201` (NAS-Bench-201's; `layers` is cells
+      per stage), `seed` (one mixed-op layer type) or a registered space.
+    - `channels`, `layers`: initial channels C and number of cells.
+    - `epochs`, `batch_size`: an epoch is `min(len(search_train), len(search_val)) // batch_size`
+      steps; each step takes one batch from each half.
+    - `train_portion`: share of the training set used to train weights; the rest trains alpha.
+    - `w_*`: SGD for weights (lr cosine-annealed per epoch to `w_lr_min`, momentum, L2 weight
+      decay), gradients clipped to global norm `grad_clip`.
+    - `a_*`: Adam for alpha, with L2 weight decay added to the gradient as PyTorch's Adam does.
+    - `order`: 1 for first-order DARTS, 2 for the unrolled architecture gradient (`arch_gradient`)
+      with `estimator` `exact` (differentiated through the virtual weight step) or
+      `finite_difference` (the paper's Eq. 8); `xi` is the virtual step size (None: the current
+      weight lr, as the paper). With order 2 the recorded val loss/acc are at the unrolled weights.
+    - `beta_reg`: beta-DARTS regularisation (Ye et al., 2022): lambda * mean over edges of
+      logsumexp(alpha) added to the validation loss, lambda ramped linearly from 0 to `beta_reg`
+      over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS).
+    - `aux_skip`: DARTS-'s auxiliary skip (Chu et al., 2021): the forward pass adds beta times an
+      identity to every edge, beta decaying linearly from `aux_skip` (the paper: 1) to 0 at the last
+      epoch; first order only (0: off).
+    - `hessian`: record the dominant eigenvalue of the Hessian of the validation loss in alpha
+      after each epoch (`hessian_eigenvalue` in the history; `hessian_iterations` power steps on
+      a fixed validation batch). `early_stop_factor` (DARTS-ES; e.g. 1/0.75): stop when it grew by
+      more than that factor over `early_stop_window` epochs, with the genotype of the window's
+      first epoch (implies `hessian`).
+    - `partial_channels`: k > 1 searches PC-DARTS' partial channel connections with edge
+      normalisation (Xu et al., ICLR 2020; k=4 there) in the DARTS space; it must divide
+      `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
+    """
 
-def non_negative(config, *names: str) -> None:
-    for name in names:
-        if not getattr(config, name) >= 0:
-            raise ValueError(f"`{name}` (={getattr(config, name)!r}) must be non-negative")
+    space: str = "darts"
+    channels: int = 16
+    layers: int = 8
+    epochs: int = 50
+    batch_size: int = 64
+    train_portion: float = 0.5
+    w_lr: float = 0.025
+    w_lr_min: float = 0.001
+    w_momentum: float = 0.9
+    w_weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    a_lr: float = 3e-4
+    a_beta1: float = 0.5
+    a_beta2: float = 0.999
+    a_weight_decay: float = 1e-3
+    order: int = 1
+    estimator: str = "exact"
+    xi: float | None = None
+    partial_channels: int = 1
+    beta_reg: float = 0.0
+    aux_skip: float = 0.0
+    hessian: bool = False
+    hessian_iterations: int = 20
+    early_stop_factor: float | None = None
+    early_stop_window: int = 5
 
+    def __post_init__(self):
+        get_space(self.space)
+        positive_ints(self, "channels", "layers", "epochs", "batch_size", "hessian_iterations", "early_stop_window")
+        if not 0.0 < self.train_portion < 1.0:
+            raise ValueError(f"`train_portion` (={self.train_portion!r}) must lie strictly between 0 and 1")
+        positive(self, "w_lr", "a_lr")
+        non_negative(self, "w_lr_min", "w_weight_decay", "a_weight_decay", "grad_clip", "w_momentum", "beta_reg")
+        non_negative(self, "aux_skip")
+        if self.aux_skip and self.order != 1:
+            raise ValueError(f"`aux_skip` (={self.aux_skip!r}) is implemented for first-order search (order=1)")
+        if self.early_stop_factor is not None and not self.early_stop_factor > 1:
+            raise ValueError(f"`early_stop_factor` (={self.early_stop_factor!r}) must be above 1, or None")
+        self._check_partial_channels()
+        if self.order not in (1, 2) or isinstance(self.order, bool):
+            raise ValueError(f"`order` (={self.order!r}) must be 1 (first order) or 2 (unrolled, second order)")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` (={self.estimator!r}) must be one of {ESTIMATORS}")
+        if not isinstance(self.hessian, bool):
+            raise ValueError(f"`hessian` (={self.hessian!r}) must be True or False")
+        if self.xi is not None and not self.xi > 0:
+            raise ValueError(f"`xi` (={self.xi!r}) must be positive, or None for the current weight lr")
 
-def replace_known(config, what: str, changes: dict):
-    """`dataclasses.replace(config, **changes)`; unknown option names are an error naming them."""
-    known = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(changes) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; known: {sorted(known)}")
-    return dataclasses.replace(config, **changes)
+    def _check_partial_channels(self):
+        if isinstance(self.partial_channels, bool) or not isinstance(self.partial_channels, int):
+            raise ValueError(f"`partial_channels` (={self.partial_channels!r}) must be a positive integer")
+        if self.partial_channels == 1:
+            return
+        if self.space != "darts":
+            raise ValueError(f"`partial_channels` (={self.partial_channels}) needs the darts space, not {self.space!r}")
+        if self.partial_channels < 1 or self.channels % self.partial_channels:
+            raise ValueError(
+                f"`partial_channels` (={self.partial_channels}) must be a positive divisor of "
+                f"`channels` (={self.channels})"
+            )
+
+    @property
+    def tracks_hessian(self) -> bool:
+        """Whether the search records the Hessian eigenvalue (asked for, or for DARTS-ES)."""
+        return self.hessian or self.early_stop_factor is not None
+
+    def replace(self, **changes) -> "SearchConfig":
+        """A copy with `changes`; unknown option names are an error naming them."""
+        return replace_known(self, "search", changes)

@@ -2,8 +2,8 @@
 
 XLA:CPU runs a convolution fast only in its canonical form (NHWC input, HWIO kernel, NHWC output).
 Outside loops its layout passes rewrite the backward convolutions of `jax.grad` into that form;
-inside a loop body (our scan-fused search) they do not, and those convolutions run 20-40x slower
-(jax-ml/jax#12868; measured in experiments/README.md). On CPU `conv2d` therefore carries a custom
+inside a loop body (our scan-fused search) they do not, and those convolutions run many times
+slower (jax-ml/jax#12868; measured in experiments/RESULTS.md). On CPU `conv2d` therefore carries a custom
 VJP whose two backward convolutions are written canonically by hand, so a convolution costs the
 same inside `lax.scan` as outside. Elsewhere the plain autodiff rule is used. A custom VJP has no
 forward-mode rule: `jax.jvp`/`jax.hessian` through these convolutions need `DARTS_EQX_CONV=native`
@@ -16,8 +16,10 @@ kernel.
 """
 
 import contextlib
+import contextvars
 import functools
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +33,45 @@ _IMPLS = ("native", "canonical")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
+class _TraceOptions(NamedTuple):
+    """What the ops traced now are traced with: the gate of `kernel_gradient_gate`, and the
+    depthwise and convolution formulations an `Execution` chose (None: the environment's)."""
+
+    gate: Any = None
+    depthwise: str | None = None
+    conv: str | None = None
+
+
+# Context-local (per thread and task), set only for the extent of a `with` block while tracing.
+_TRACE = contextvars.ContextVar("darts_eqx_trace", default=_TraceOptions())
+
+
+@contextlib.contextmanager
+def _tracing_with(**changes):
+    token = _TRACE.set(_TRACE.get()._replace(**changes))
+    try:
+        yield
+    finally:
+        _TRACE.reset(token)
+
+
+def traced_with(depthwise: str | None = None, conv: str | None = None):
+    """Trace the ops inside this context with depthwise formulation `depthwise` (`auto`, `kernel`,
+    `composed`) and convolution gradient formulation `conv` (`canonical`, `native`); None keeps
+    the enclosing choice (by default `$DARTS_EQX_DEPTHWISE` and `$DARTS_EQX_CONV`)."""
+    if depthwise is not None:
+        _native.check_depthwise_mode(depthwise)
+    if conv is not None and conv not in _IMPLS:
+        raise ValueError(f"conv formulation (={conv!r}) must be one of {_IMPLS}")
+    current = _TRACE.get()
+    return _tracing_with(depthwise=depthwise or current.depthwise, conv=conv or current.conv)
+
+
 def conv_impl() -> str:
-    """The convolution gradient formulation used when tracing: `DARTS_EQX_CONV` if set, else
-    `canonical` (hand-written canonical backward convolutions) on CPU and `native` (JAX's own
-    rule) on accelerators."""
-    impl = os.environ.get("DARTS_EQX_CONV")
+    """The convolution gradient formulation used when tracing: the enclosing `traced_with`'s, else
+    `DARTS_EQX_CONV` if set, else `canonical` (hand-written canonical backward convolutions) on CPU
+    and `native` (JAX's own rule) on accelerators."""
+    impl = _TRACE.get().conv or os.environ.get("DARTS_EQX_CONV")
     if impl is None:
         return "canonical" if jax.default_backend() == "cpu" else "native"
     if impl not in _IMPLS:
@@ -92,22 +128,15 @@ def _canonical_bwd(stride, padding, dilation, residuals, g):
 
 _canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
 
-_GATES = []  # traced scalars set by `kernel_gradient_gate` while a step is being traced
 
-
-@contextlib.contextmanager
 def kernel_gradient_gate(gate):
     """While tracing inside this context, canonical convolutions, the depthwise kernel and the
     pointwise matmuls (`weight_einsum`) compute their weight gradient only when the traced scalar
     `gate` is nonzero (a `lax.cond`; zeros otherwise), their input gradient always.
     `search_step(shared_trace=True)` traces one gradient of (weights, alpha) for all the phases
     of a step and gates the weight gradients off in those that need alpha's gradient alone, so
-    XLA compiles the supernet's backward pass once (experiments/README.md has the trade-off)."""
-    _GATES.append(gate)
-    try:
-        yield
-    finally:
-        _GATES.pop()
+    XLA compiles the supernet's backward pass once (experiments/RESULTS.md has the trade-off)."""
+    return _tracing_with(gate=gate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -153,8 +182,9 @@ def conv2d(
     the gradient formulation (default `conv_impl()`), both compute the same function."""
     impl = impl or conv_impl()
     if impl == "canonical":
-        if _GATES:
-            return _gated_conv(x, weight, _GATES[-1], stride, padding, dilation)
+        gate = _TRACE.get().gate
+        if gate is not None:
+            return _gated_conv(x, weight, gate, stride, padding, dilation)
         return _canonical_conv(x, weight, stride, padding, dilation)
     if impl != "native":
         raise ValueError(f"conv impl (={impl!r}) must be one of {_IMPLS}")
@@ -181,28 +211,21 @@ def depthwise_conv2d(
     )
 
 
-_KERNEL_OFF = []  # pushed by `without_depthwise_kernel` while a step is being traced
-
-
-@contextlib.contextmanager
 def without_depthwise_kernel():
     """Trace with the composed dense kernels instead of the C++ depthwise kernel inside this
     context. The data-parallel search uses it: the FFI call has no partitioning rule, so XLA
     would gather the whole batch onto every device to run it."""
-    _KERNEL_OFF.append(True)
-    try:
-        yield
-    finally:
-        _KERNEL_OFF.pop()
+    return _tracing_with(depthwise="composed")
 
 
 def uses_depthwise_kernel(x: Array) -> bool:
     """Whether depthwise convolutions of `x` traced now go through the C++ kernel: on CPU, with
     the canonical formulation, float32, unless `DARTS_EQX_DEPTHWISE=composed` or inside
     `without_depthwise_kernel`."""
-    if _KERNEL_OFF or x.dtype != jnp.float32 or conv_impl() != "canonical":
+    mode = _TRACE.get().depthwise
+    if mode == "composed" or x.dtype != jnp.float32 or conv_impl() != "canonical":
         return False
-    return _native.use_depthwise_kernel()
+    return _native.use_depthwise_kernel(mode)
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -294,7 +317,7 @@ def depthwise_conv2d_edges(
     if stride < 1 or dilation < 1 or padding < 0:
         raise ValueError(f"stride (={stride}) and dilation (={dilation}) must be >= 1, padding (={padding}) >= 0")
     _native.require_depthwise_kernel()
-    return _depthwise(x, kernels, _GATES[-1] if _GATES else None, (stride, padding, dilation))
+    return _depthwise(x, kernels, _TRACE.get().gate, (stride, padding, dilation))
 
 
 def separable_kernel(
@@ -326,67 +349,19 @@ def separable_conv2d(
     return conv2d(x, separable_kernel(depthwise, pointwise), stride, padding, dilation, impl)
 
 
-def shifted_views(
-    x: Float[Array, "b h w c"],
-    offsets,
-    stride: int,
-    padding: int,
-    pad_value: float = 0.0,
-) -> list[Float[Array, "b ho wo c"]]:
-    """For each `(dy, dx)` in `offsets`, the view of `x` padded by `padding` that output pixel
-    `(i, j)` reads at `(i * stride + dy, j * stride + dx)` (offsets relative to the window's
-    top-left corner minus `padding`). Each is a plain strided slice, so gradients are cheap pads."""
-    b, h, w, c = x.shape
-    span_y = max(dy for dy, _ in offsets) - min(dy for dy, _ in offsets)
-    span_x = max(dx for _, dx in offsets) - min(dx for _, dx in offsets)
-    ho = (h + 2 * padding - span_y - 1) // stride + 1
-    wo = (w + 2 * padding - span_x - 1) // stride + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"input of spatial size {h}x{w} is too small for a {span_y + 1}x{span_x + 1} window "
-            f"with stride {stride} and padding {padding}"
-        )
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=pad_value)
-    return [
-        lax.slice(
-            x,
-            (0, padding + dy, padding + dx, 0),
-            (b, padding + dy + stride * (ho - 1) + 1, padding + dx + stride * (wo - 1) + 1, c),
-            (1, stride, stride, 1),
-        )
-        for dy, dx in offsets
-    ]
-
-
-def shifted_windows(
-    x: Float[Array, "b h w c"],
-    kernel: int,
-    stride: int,
-    padding: int,
-    dilation: int = 1,
-    pad_value: float = 0.0,
-) -> list[Float[Array, "b ho wo c"]]:
-    """The kernel*kernel strided views of a padded input that a k x k (dilated) window visits,
-    in row-major kernel order."""
-    offsets = [(i * dilation - padding, j * dilation - padding) for i in range(kernel) for j in range(kernel)]
-    return shifted_views(x, offsets, stride, padding, pad_value)
-
-
 def pointwise_conv(x: Float[Array, "b h w cin"], weight: Float[Array, "cin cout"]) -> Float[Array, "b h w cout"]:
     """1x1 convolution as a matmul over the channel axis."""
     return weight_einsum("bhwc,cd->bhwd", x, weight)
 
 
-def weight_einsum(spec: str, x, weight):
+def weight_einsum(spec: str, x, weight) -> Array:
     """`jnp.einsum(spec, x, weight)`; inside `kernel_gradient_gate` its weight gradient is gated
-    as the convolutions' kernel gradients are. (The pointwise matmuls' weight gradients were
-    what the shared trace's alpha-only phases still computed in vain: gated, the shared
-    second-order step ran 0.242-0.246 against 0.219-0.235 steps/s at C=8, layers=5, in three
-    alternating pairs, compile 2-5 s longer.)"""
-    if not _GATES:
+    as the convolutions' kernel gradients are, so the shared trace's alpha-only phases do not
+    compute them in vain."""
+    gate = _TRACE.get().gate
+    if gate is None:
         return jnp.einsum(spec, x, weight)
-    return _gated_einsum(x, weight, _GATES[-1], spec)
+    return _gated_einsum(x, weight, gate, spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -409,51 +384,3 @@ def _gated_einsum_bwd(spec, residuals, g):
 
 
 _gated_einsum.defvjp(_gated_einsum_fwd, _gated_einsum_bwd)
-
-
-def max_pool(x: Float[Array, "b h w c"], stride: int) -> Float[Array, "b ho wo c"]:
-    """3x3 max pool, padding 1 (padding never wins the max). The gradient goes to the first
-    maximum of each window in row-major order, as `lax.reduce_window`'s and PyTorch's do."""
-    return _max_pool(x, stride, x.shape)
-
-
-# The input's shape is a static argument, not a residual: residuals must be arrays when the
-# pool is differentiated inside a nested `jax.jit` (as `_search._loss_gradient` is).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool(x, stride: int, shape):
-    return _max_pool_fwd(x, stride, shape)[0]
-
-
-def _max_pool_fwd(x, stride, shape):
-    # The winner's window position is kept (int8) so the backward pass is 9 masked pads of the
-    # cotangent. Differentiating the chain of `maximum`s instead made XLA:CPU recompute the chain
-    # per tap inside one fusion: ~30 ms per pool at batch 32, 32x32x8 (experiments/README.md).
-    views = shifted_windows(x, 3, stride, 1, pad_value=-jnp.inf)
-    out, winner = views[0], jnp.zeros(views[0].shape, jnp.int8)
-    for tap, view in enumerate(views[1:], start=1):
-        wins = view > out
-        out = jnp.where(wins, view, out)
-        winner = jnp.where(wins, jnp.int8(tap), winner)
-    return out, winner
-
-
-def _max_pool_bwd(stride, shape, winner, g):
-    x_spec = jax.ShapeDtypeStruct(shape, g.dtype)
-    spread = jax.linear_transpose(lambda x: shifted_windows(x, 3, stride, 1), x_spec)
-    zero = jnp.zeros((), g.dtype)
-    return spread([jnp.where(winner == tap, g, zero) for tap in range(9)])
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def avg_pool(x: Float[Array, "b h w c"], stride: int) -> Float[Array, "b ho wo c"]:
-    """3x3 average pool, padding 1, padding not counted (PyTorch `count_include_pad=False`)."""
-    views = shifted_windows(x, 3, stride, 1)
-    total = views[0]
-    for view in views[1:]:
-        total = total + view
-    # The count of real pixels under each window depends only on the shape: a trace-time constant.
-    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
-    count = sum(shifted_windows(ones, 3, stride, 1))
-    return total / count

@@ -8,6 +8,7 @@ Everything is checked here, before any compilation: a bad shape, dtype, pixel or
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -107,13 +108,13 @@ def from_arrays(
     if np.any(std == 0):
         raise ValueError(f"training images are constant in channel(s) {np.flatnonzero(std == 0).tolist()}")
 
-    def norm(x):
-        return None if x is None else ((x - mean) / std).astype(np.float32)
+    def norm(x: np.ndarray) -> np.ndarray:
+        return ((x - mean) / std).astype(np.float32)
 
     return ImageData(
         norm(x_train),
         y_train.astype(np.int32),
-        norm(x_test),
+        None if x_test is None else norm(x_test),
         None if y_test is None else y_test.astype(np.int32),
         num_classes,
         name,
@@ -124,8 +125,9 @@ def digits() -> ImageData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped with the package,
     no download. The last 297 images form the test split."""
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
-    bunch = load_digits()
+    bunch = cast(Bunch, load_digits())  # a Bunch, as return_X_y is False
     x = bunch.images.astype(np.float32) / 16.0
     y = bunch.target
     return from_arrays(x[:1500], y[:1500], x[1500:], y[1500:], num_classes=10, name="digits")
@@ -159,7 +161,12 @@ def _hf_split(ds, image_column, label_column, what):
     if len(shapes) > 1:
         raise ValueError(f"{what}: images differ in shape ({shapes[:3]}...); resize them first")
     feature = ds.features[label_column]
-    num_classes = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
+    num_classes = (
+        # A dataclass InitVar in `datasets`' annotations, but `__post_init__` sets it as an attribute.
+        feature.num_classes  # pyright: ignore[reportAttributeAccessIssue]
+        if isinstance(feature, datasets.ClassLabel)
+        else None
+    )
     x = np.stack(images) if images else np.zeros((0,))
     return x, np.asarray(ds[label_column]), num_classes
 

@@ -1,11 +1,13 @@
 """From supernet to plain network: derive the genotype from alpha, then keep on each kept edge the
 chosen op module, with the weights it was trained with inside the supernet, and drop the rest."""
 
+from typing import cast
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ._cell import edge_index
+from ._cell import OpModule, edge_index
 from ._genotype import Genotype, derive_cell
 from ._network import Logits, SearchNetwork, SeedNetwork, Stem, classify
 from ._ops import Earlier, Images, Output
@@ -15,9 +17,9 @@ class DiscreteCell(eqx.Module):
     """A discretised cell: node k is `ops[2k](states[inputs[2k]]) + ops[2k+1](states[inputs[2k+1]])`;
     the output concatenates `states[i]` for `i` in `concat`."""
 
-    preprocess0: eqx.Module
-    preprocess1: eqx.Module
-    ops: tuple[eqx.Module, ...]
+    preprocess0: OpModule
+    preprocess1: OpModule
+    ops: tuple[OpModule, ...]
     inputs: tuple[int, ...] = eqx.field(static=True)
     concat: tuple[int, ...] = eqx.field(static=True)
     reduction: bool = eqx.field(static=True)
@@ -59,7 +61,7 @@ class DiscreteSeedNetwork(eqx.Module):
     """The `seed` network with its mixed ops replaced by the chosen op."""
 
     stem: Stem
-    layers: tuple[eqx.Module, ...]
+    layers: tuple[OpModule, ...]
     classifier: eqx.nn.Linear
     genotype: Genotype = eqx.field(static=True)
 
@@ -116,7 +118,8 @@ def discretize(model: SearchNetwork | SeedNetwork, genotype: Genotype | None = N
     is one-hot on the genotype's ops and on `none` elsewhere.
     """
     if genotype is None:
-        genotype = derive_genotype(model)
+        # a DARTS or seed supernet's genotype is a `Genotype` (only NB201's is an `NB201Genotype`)
+        genotype = cast(Genotype, derive_genotype(model))
     if isinstance(model, SearchNetwork):
         if model.beta_normal is not None:
             raise ValueError(

@@ -10,15 +10,18 @@ Drop-path zeroes whole samples of a non-identity edge with probability `drop_pro
 1/keep) in training mode.
 """
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._conv import avg_pool, conv2d, max_pool, pointwise_conv, separable_conv2d
+from ._conv import conv2d, pointwise_conv, separable_conv2d
 from ._genotype import Genotype
 from ._network import reduction_layers
 from ._ops import _uniform
+from ._pool import avg_pool, max_pool
 
 Images = Float[Array, "batch height width channels"]
 
@@ -173,7 +176,7 @@ def _drop_path(x, drop_prob, key):
 
 
 class EvalCell(eqx.Module):
-    preprocess0: eqx.Module
+    preprocess0: Callable[..., tuple[Array, eqx.nn.State]]
     preprocess1: ConvBN
     ops: tuple
     inputs: tuple[int, ...] = eqx.field(static=True)

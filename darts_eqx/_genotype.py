@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._spaces import get_space
+from ._op_names import droppable_op, space_op_names
 
 Cell = tuple[tuple[str, int], ...]
 
@@ -60,8 +60,8 @@ class Genotype:
         self._validate()
 
     def _validate(self):
-        space = get_space(self.space)
-        allowed = tuple(op for op in space.op_names if op != space.droppable)
+        op_names = space_op_names(self.space)
+        allowed = tuple(op for op in op_names if op != droppable_op(op_names))
         if self.space == "seed":
             if len(self.normal) != 1 or self.reduce or self.reduce_concat:
                 raise ValueError(f"a seed-space genotype has exactly one op, got {self}")
@@ -151,9 +151,9 @@ class Genotype:
     def _from_fields(cls, fields: dict, space) -> "Genotype":
         if not isinstance(space, str):
             raise ValueError(f"genotype space must be a name, got {space!r}")
-        cells = {f: _cell_ops(fields[f]) for f in ("normal", "reduce")}
-        concats = {f: _concat(fields[f]) for f in ("normal_concat", "reduce_concat")}
-        return cls(**cells, **concats, space=space)
+        normal, reduce = _cell_ops(fields["normal"]), _cell_ops(fields["reduce"])
+        normal_concat, reduce_concat = _concat(fields["normal_concat"]), _concat(fields["reduce_concat"])
+        return cls(normal, normal_concat, reduce, reduce_concat, space=space)
 
 
 def _literal(node):

@@ -6,10 +6,6 @@
   ICLR 2020: its growth predicts collapse), by Hessian-vector products and power iteration. The
   products are reverse over reverse: the canonical CPU convolutions carry a custom VJP, which has
   no forward-mode rule; the result is the same exact product.
-- DARTS-'s auxiliary skip (Chu et al., ICLR 2021): an extra identity on every edge, scaled by a
-  beta decaying linearly to 0 over the epochs; here the forward pass sees softmax(alpha) + beta on
-  the `skip_connect` column (an identity at stride 1; at stride 2, as that op, a factorized
-  reduction), while alpha and the genotype stay alpha's own.
 - DARTS-ES: stop when the eigenvalue grew by more than a factor over a window of epochs, and keep
   the architecture from the start of the window.
 """
@@ -18,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._mixed import ArchLogits, AuxSkipLogits
+from ._mixed import ArchLogits
 
 
 def _alpha_leaves(arch) -> list:
@@ -35,25 +31,6 @@ def beta_regularizer(arch):
 def ramp(value: float, epoch, epochs: int):
     """`value` scaled linearly from 0 at the first epoch to `value` at the last."""
     return value * epoch / max(epochs - 1, 1)
-
-
-def aux_skip_view(op_names, value: float, epochs: int, steps_per_epoch: int):
-    """`view(arch, step)`: `arch` with every alpha seen through `AuxSkipLogits`, beta = `value` at
-    the first epoch decaying linearly to 0 at the last."""
-    if "skip_connect" not in op_names:
-        raise ValueError(f"aux_skip needs a skip_connect op; the space has {tuple(op_names)}")
-    skip = list(op_names).index("skip_connect")
-
-    def view(arch, step):
-        beta = value - ramp(value, step // steps_per_epoch, epochs)
-        offset = jnp.zeros(len(op_names)).at[skip].set(beta)
-        return jax.tree.map(
-            lambda n: AuxSkipLogits(n.logits, offset.astype(n.logits.dtype)) if isinstance(n, ArchLogits) else n,
-            arch,
-            is_leaf=lambda n: isinstance(n, ArchLogits),
-        )
-
-    return view
 
 
 def hessian_eigenvalue(loss_of_arch, arch, *, key, iterations: int = 20):

@@ -1,12 +1,23 @@
 """The DARTS continuous relaxation: architecture logits as a typed leaf, and the mixed op."""
 
+from collections.abc import Callable
+
+import einops
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jax import lax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._ops import Images, Output
 from ._spaces import SearchSpace
+
+
+def _scaled_normal(key: PRNGKeyArray, shape: tuple[int, ...], scale: float) -> Float[Array, "..."]:
+    """scale * N(0, 1), the same values eagerly and under `jit`: the barrier keeps XLA from
+    folding `scale` into the draw's own last multiply (by sqrt(2)), which rounds once instead of
+    twice and changed alpha's last bit under `jit`."""
+    return scale * lax.optimization_barrier(jax.random.normal(key, shape))
 
 
 class ArchLogits(eqx.Module):
@@ -25,7 +36,7 @@ class ArchLogits(eqx.Module):
     @staticmethod
     def init(edges: int, ops: int, *, key: PRNGKeyArray, scale: float = 1e-3) -> "ArchLogits":
         """alpha = scale * N(0, 1), as the paper (scale 1e-3)."""
-        return ArchLogits(scale * jax.random.normal(key, (edges, ops)))
+        return ArchLogits(_scaled_normal(key, (edges, ops), scale))
 
 
 class EdgeLogits(eqx.Module):
@@ -46,23 +57,26 @@ class EdgeLogits(eqx.Module):
     @staticmethod
     def init(steps: int, *, key: PRNGKeyArray, scale: float = 1e-3) -> "EdgeLogits":
         """beta = scale * N(0, 1), as PC-DARTS (scale 1e-3)."""
-        return EdgeLogits(scale * jax.random.normal(key, (sum(2 + j for j in range(steps)),)), steps)
+        return EdgeLogits(_scaled_normal(key, (sum(2 + j for j in range(steps)),), scale), steps)
 
 
-class AuxSkipLogits(eqx.Module):
-    """alpha as the forward pass sees it under DARTS-'s auxiliary skip: softmax(alpha) plus a
-    constant offset per op (only ever built inside a step, never trained itself)."""
+class RelaxedLogits(eqx.Module):
+    """alpha as a method's relaxation shows it to the forward pass: `relax(logits, step)` instead
+    of softmax(alpha) (built inside a step from `ArchLogits`, never trained itself; see
+    `darts_eqx.Method`)."""
 
     logits: Float[Array, "edges ops"]
-    offset: Float[Array, " ops"]
+    step: Int[Array, ""]
+    relax: Callable = eqx.field(static=True)
 
     def weights(self) -> Float[Array, "edges ops"]:
-        return jax.nn.softmax(self.logits, axis=-1) + self.offset[None, :]
+        return self.relax(self.logits, self.step)
 
 
 def is_arch(node) -> bool:
-    """True for the architecture leaves (`ArchLogits`, and `EdgeLogits` with partial channels)."""
-    return isinstance(node, (ArchLogits, EdgeLogits, AuxSkipLogits))
+    """True for the architecture leaves (`ArchLogits`, `EdgeLogits` with partial channels, and
+    alpha as a relaxation shows it, `RelaxedLogits`)."""
+    return isinstance(node, (ArchLogits, EdgeLogits, RelaxedLogits))
 
 
 def split_arch(model):
@@ -83,7 +97,7 @@ class MixedOp(eqx.Module):
     `none` is skipped: it adds exactly zero to the output and to every gradient.
     """
 
-    ops: tuple[eqx.Module, ...]
+    ops: tuple[Callable[[Images], Output], ...]
     op_names: tuple[str, ...] = eqx.field(static=True)
 
     def __init__(
@@ -113,9 +127,7 @@ class MixedOp(eqx.Module):
 
 def channel_shuffle(x: Float[Array, "*batch c"], groups: int) -> Float[Array, "*batch c"]:
     """ShuffleNet's channel shuffle on the last axis: `groups` blocks of channels interleaved."""
-    c = x.shape[-1]
-    x = x.reshape(x.shape[:-1] + (groups, c // groups))
-    return jnp.swapaxes(x, -1, -2).reshape(x.shape[:-2] + (c,))
+    return einops.rearrange(x, "... (group c) -> ... (c group)", group=groups)
 
 
 def partial_channel_bypass(x: Images, part: int, stride: int) -> Output:
@@ -124,6 +136,9 @@ def partial_channel_bypass(x: Images, part: int, stride: int) -> Output:
     rest = x[..., part:]
     if stride == 1:
         return rest
+    # Not `einops.reduce(rest, "b (h 2) (w 2) c -> b h w c", "max")`: einops moves the window axes
+    # last with a transpose, which stays in the compiled fused cell (4 more transposes and copies
+    # in a PC-DARTS reduction cell's forward and backward pass).
     b, h, w, c = rest.shape
     return rest.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from typing import cast
 
 import jax
 
@@ -38,12 +39,15 @@ TARGETS = {
 _log = logging.getLogger("darts_eqx")
 
 
+def check_depthwise_mode(mode: str, what: str = "depthwise formulation") -> str:
+    if mode not in _MODES:
+        raise ValueError(f"{what} (={mode!r}) must be one of {_MODES}")
+    return mode
+
+
 def depthwise_mode() -> str:
     """`DARTS_EQX_DEPTHWISE`, checked (default `auto`)."""
-    mode = os.environ.get("DARTS_EQX_DEPTHWISE") or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"DARTS_EQX_DEPTHWISE (={mode!r}) must be one of {_MODES}")
-    return mode
+    return check_depthwise_mode(os.environ.get("DARTS_EQX_DEPTHWISE") or "auto", "DARTS_EQX_DEPTHWISE")
 
 
 def _compiler() -> list[str] | None:
@@ -54,7 +58,7 @@ def _compiler() -> list[str] | None:
         return command if command and shutil.which(command[0]) else None
     for name in ("c++", "g++", "clang++"):
         if shutil.which(name):
-            return [shutil.which(name)]
+            return [cast(str, shutil.which(name))]  # found on the PATH just above
     return None
 
 
@@ -81,7 +85,15 @@ def _library_name(compiler: list[str]) -> str:
     digest = hashlib.sha256()
     with open(_SOURCE, "rb") as f:
         digest.update(f.read())
-    parts = (jaxlib.__version__, " ".join(compiler), version, " ".join(_FLAGS), platform.machine(), _cpu_identity())
+    parts = (
+        # jaxlib re-exports it by a plain `from .version import __version__`, which pyright takes as private
+        jaxlib.__version__,  # pyright: ignore[reportPrivateImportUsage]
+        " ".join(compiler),
+        version,
+        " ".join(_FLAGS),
+        platform.machine(),
+        _cpu_identity(),
+    )
     for part in parts:
         digest.update(part.encode())
     return f"depthwise-{digest.hexdigest()[:16]}.so"
@@ -164,11 +176,13 @@ def require_depthwise_kernel() -> str:
     return path
 
 
-def use_depthwise_kernel() -> bool:
-    """Whether CPU separable convolutions are traced with the C++ depthwise kernel now."""
-    if jax.default_backend() != "cpu" or depthwise_mode() == "composed":
+def use_depthwise_kernel(mode: str | None = None) -> bool:
+    """Whether CPU separable convolutions are traced with the C++ depthwise kernel under `mode`
+    (`auto`, `kernel`, `composed`; None: `depthwise_mode()`)."""
+    mode = mode or depthwise_mode()
+    if jax.default_backend() != "cpu" or mode == "composed":
         return False
-    if depthwise_mode() == "kernel":
+    if mode == "kernel":
         require_depthwise_kernel()
         return True
     path, error = _load()

@@ -140,6 +140,7 @@ class SearchNetwork(eqx.Module):
         w_normal, w_reduce = self.alpha_normal.weights(), self.alpha_reduce.weights()
         b_normal = b_reduce = None
         if self.beta_normal is not None:
+            assert self.beta_reduce is not None  # the two betas exist together (partial channels)
             b_normal, b_reduce = self.beta_normal.weights(), self.beta_reduce.weights()
         for cell in self.cells:
             if cell.reduction:

@@ -6,14 +6,16 @@ axis is part of each op's meaning rather than something to `vmap` over.
 """
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._conv import avg_pool, conv2d, max_pool, pointwise_conv, separable_conv2d
+from ._conv import conv2d, pointwise_conv, separable_conv2d
+from ._pool import avg_pool, max_pool
 
 Images = Float[Array, "batch height width channels"]
 # The output of an op that may stride or change width: same batch, its own spatial size and width.
@@ -21,26 +23,49 @@ Output = Float[Array, "batch _out_height _out_width _out_channels"]
 # A cell's first input, which may come from before a reduction: any spatial size and width.
 Earlier = Float[Array, "batch _in_height _in_width _in_channels"]
 
+_Model = TypeVar("_Model")
 
-def _uniform(key, shape, fan_in: int) -> Array:
-    # PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ...).
+
+def _uniform(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
+    """PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)), U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) in float32: the values of `jax.random.uniform(key, shape, minval=-bound,
+    maxval=bound)`, whether run eagerly or traced, so a key gives the same weights either way."""
     bound = 1.0 / math.sqrt(fan_in)
-    try:
-        seed = np.asarray(jax.random.key_data(key)).ravel()
-    except jax.errors.TracerArrayConversionError:  # inside a trace (a traced key, or a captured one)
-        return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
-    # Eagerly, draw on the host from a generator seeded by the key: XLA would compile a separate
-    # random-number program for every distinct weight shape, about a minute for a supernet. Cast
-    # on the host too: a cast on the device is one more compiled program per shape (48 for the
-    # C=8 supernet, ~1.3 MB each kept for the life of the process).
-    return jax.device_put(np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32))
+    size = math.prod(shape)
+    flat = jax.random.uniform(key, (_draw_length(key, size),), jnp.float32, minval=-bound, maxval=bound)
+    return flat[:size].reshape(shape)
+
+
+def _draw_length(key: PRNGKeyArray, size: int) -> int:
+    # `jax.random.uniform` draws each element from the key and its flat index, so a flat draw
+    # reshaped is the draw of any shape of that size. Eagerly, each length drawn compiles its own
+    # random program, kept for the life of the process. With threefry's partitionable counters
+    # (JAX's default since 0.5) a longer draw starts with the same values, so lengths are rounded
+    # up to a power of two: a C=8 search network's 47 weight shapes compile 7 programs (build
+    # times in experiments/RESULTS.md).
+    if jax.threefry_partitionable.value and str(jax.random.key_impl(key)) == "threefry2x32":
+        return 1 << max(size - 1, 0).bit_length()
+    return size
+
+
+def jit_build(constructor: Callable[..., _Model], /, *args, key: PRNGKeyArray, **kwargs) -> _Model:
+    """`constructor(*args, key=key, **kwargs)` (a model class, say) built as one compiled program.
+
+    The same key gives the same weights, bit for bit, as the eager build `constructor(*args,
+    key=key, **kwargs)`. Arrays among the arguments are traced, everything else is static
+    (`eqx.filter_jit`).
+
+    On XLA:CPU this is slower than building eagerly: every weight's random draw is a loop of its
+    own in the program.
+    """
+    return eqx.filter_jit(constructor)(*args, key=key, **kwargs)
 
 
 def batch_norm(x: Float[Array, "batch h w *channels"], eps: float = 1e-5) -> Float[Array, "batch h w *channels"]:
     """Normalise with the statistics of the batch and spatial axes (biased variance), per channel
     (and per group, for the stacked edges of the fused cell)."""
     # The sums over pixels are matrix-vector products: XLA:CPU runs them (and their transposes in
-    # the backward pass) ~1.5x faster than `jnp.mean`'s column reductions (experiments/README.md).
+    # the backward pass) faster than `jnp.mean`'s column reductions (experiments/RESULTS.md).
     shape = x.shape
     rows = x.reshape(shape[0] * shape[1] * shape[2], -1)
     average = jnp.full((rows.shape[0],), 1.0 / rows.shape[0], x.dtype)
@@ -65,7 +90,7 @@ class BatchNorm(eqx.Module):
 
     def __call__(self, x: Images) -> Images:
         y = batch_norm(x, self.eps)
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             y = y * self.weight[None, None, None, :] + self.bias[None, None, None, :]
         return y
 

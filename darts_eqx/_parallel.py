@@ -10,6 +10,7 @@ each batch's indices; process 0 writes the run folder.
 """
 
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import numpy as np
@@ -44,7 +45,7 @@ def data_mesh(devices: int | Sequence | None) -> Mesh | None:
             )
         chosen = available[:devices]
     else:
-        chosen = list(devices)
+        chosen = list(cast(Sequence, devices))  # a bool is no device count: `list` rejects it (TypeError)
         if not chosen:
             raise ValueError("devices is an empty list")
     if len(chosen) == 1:
@@ -70,7 +71,10 @@ def replicate(tree, mesh: Mesh | None):
     def put(x):
         if not isinstance(x, (jax.Array, np.ndarray)):
             return x
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # `jax.dtypes` re-exports `issubdtype` by a plain import, which pyright takes as private.
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(  # pyright: ignore[reportPrivateImportUsage]
+            x.dtype, jax.dtypes.prng_key
+        ):
             data = fetch(jax.random.key_data(x))
             return jax.random.wrap_key_data(put(data), impl=jax.random.key_impl(x))
         host = fetch(x)

@@ -122,7 +122,7 @@ def plot_alphas(history: list[dict], path: str | os.PathLike, op_names=None) -> 
     if not keys:
         raise ValueError("the history holds no softmax(alpha) records (alpha_normal / alpha_reduce / alpha)")
     series = {k: np.asarray([record[k] for record in history]) for k in keys}  # [epochs, edges, ops]
-    edges = max(v.shape[1] for v in series.values())
+    edges: int = max(v.shape[1] for v in series.values())
     ops = next(iter(series.values())).shape[2]
     if op_names is None:
         from ._spaces import DARTS_SPACE, SEED_SPACE

@@ -12,6 +12,8 @@ step). Two estimators of the mixed second derivative:
   eps = 0.01 / ||grad_w' L_val||, for parity with published runs.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -85,7 +87,7 @@ def arch_gradient(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator (={estimator!r}) must be one of {ESTIMATORS}")
-    step = dict(xi=xi, momentum=momentum, weight_decay=weight_decay, buffer=buffer)
+    step: dict[str, Any] = dict(xi=xi, momentum=momentum, weight_decay=weight_decay, buffer=buffer)
     if estimator == "exact":
 
         def unrolled(arch):

@@ -1,19 +1,20 @@
 """Search spaces as data: an ordered tuple of op names and one constructor per name.
 
 The op order is part of a space's definition: alpha's last axis follows it and genotypes are
-derived from it, so it never comes from dict or set iteration.
+derived from it, so it never comes from dict or set iteration. The built-in spaces' names live in
+`_op_names.py` (no jax), so that genotypes are read and checked without importing the ops.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import equinox as eqx
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, PRNGKeyArray
 
+from ._op_names import DARTS_OPS, NB201_OPS, SEED_OPS, droppable_op, register_op_names
 from ._ops import DilConv, FactorizedReduce, Identity, Pool, ReLUConvBN, SepConv, Zero
 
-# (channels, stride, affine, key) -> op module
-OpConstructor = Callable[[int, int, bool, PRNGKeyArray], eqx.Module]
+# (channels, stride, affine, key) -> op module: a batch in, a batch out
+OpConstructor = Callable[[int, int, bool, PRNGKeyArray], Callable[..., Array]]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,11 @@ class SearchSpace:
     @property
     def droppable(self) -> str | None:
         """The op that means 'no edge' (`none`), never chosen by discretisation."""
-        return "none" if "none" in self.op_names else None
+        return droppable_op(self.op_names)
+
+
+def _zero(c, s, affine, key):
+    return Zero(s)
 
 
 def _pool(kind):
@@ -75,48 +80,50 @@ def _conv(k):
     return lambda c, s, affine, key: ReLUConvBN(c, c, k, s, k // 2, affine, key=key)
 
 
-DARTS_SPACE = SearchSpace(
-    name="darts",
-    op_names=(
-        "none",
-        "max_pool_3x3",
-        "avg_pool_3x3",
-        "skip_connect",
-        "sep_conv_3x3",
-        "sep_conv_5x5",
-        "dil_conv_3x3",
-        "dil_conv_5x5",
-    ),
-    constructors=(
-        lambda c, s, affine, key: Zero(s),
-        _pool("max"),
-        _pool("avg"),
-        _skip,
-        _sep(3),
-        _sep(5),
-        _dil(3),
-        _dil(5),
-    ),
+def _space(name: str, op_names: tuple[str, ...], constructors: dict[str, OpConstructor]) -> SearchSpace:
+    """A space whose constructors are given by op name (the order is `op_names`')."""
+    return SearchSpace(name, op_names, tuple(constructors[op] for op in op_names))
+
+
+DARTS_SPACE = _space(
+    "darts",
+    DARTS_OPS,
+    {
+        "none": _zero,
+        "max_pool_3x3": _pool("max"),
+        "avg_pool_3x3": _pool("avg"),
+        "skip_connect": _skip,
+        "sep_conv_3x3": _sep(3),
+        "sep_conv_5x5": _sep(5),
+        "dil_conv_3x3": _dil(3),
+        "dil_conv_5x5": _dil(5),
+    },
 )
 
 # The seed document's minimal mixed op: identity, 3x3 and 5x5 conv, average and max pool.
-SEED_SPACE = SearchSpace(
-    name="seed",
-    op_names=("skip_connect", "conv_3x3", "conv_5x5", "avg_pool_3x3", "max_pool_3x3"),
-    constructors=(_skip, _conv(3), _conv(5), _pool("avg"), _pool("max")),
+SEED_SPACE = _space(
+    "seed",
+    SEED_OPS,
+    {
+        "skip_connect": _skip,
+        "conv_3x3": _conv(3),
+        "conv_5x5": _conv(5),
+        "avg_pool_3x3": _pool("avg"),
+        "max_pool_3x3": _pool("max"),
+    },
 )
 
 # NAS-Bench-201's ops (Dong & Yang, ICLR 2020); the cell and network are in `darts_eqx.nb201`.
-NB201_SPACE = SearchSpace(
-    name="nb201",
-    op_names=("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"),
-    constructors=(
-        lambda c, s, affine, key: Zero(s),
-        _skip,
-        _conv(1),
-        _conv(3),
-        lambda c, s, affine, key: Pool("avg", c, s, with_norm=False),  # NB201 has no BN after pooling
-    ),
+NB201_SPACE = _space(
+    "nb201",
+    NB201_OPS,
+    {
+        "none": _zero,
+        "skip_connect": _skip,
+        "nor_conv_1x1": _conv(1),
+        "nor_conv_3x3": _conv(3),
+        "avg_pool_3x3": lambda c, s, affine, key: Pool("avg", c, s, with_norm=False),  # no BN after pooling
+    },
 )
 
 SPACES = {space.name: space for space in (DARTS_SPACE, SEED_SPACE, NB201_SPACE)}
@@ -131,6 +138,7 @@ def register_space(space: SearchSpace) -> SearchSpace:
     existing = SPACES.get(space.name)
     if existing is not None and existing is not space:
         raise ValueError(f"a different search space is already registered as {space.name!r}")
+    register_op_names(space.name, space.op_names)
     SPACES[space.name] = space
     return space
 

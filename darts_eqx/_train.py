@@ -20,13 +20,14 @@ from jax import lax
 from jaxtyping import PRNGKeyArray
 
 from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
-from ._config import non_negative, positive, positive_ints, replace_known
+from ._checks import non_negative, positive, positive_ints, replace_known
 from ._data import load
 from ._eval import EvalNetwork, count_parameters, make_eval_network
+from ._execution import Execution, as_execution
 from ._genotype import Genotype
+from ._loop import progress_bar
 from ._network import reduction_layers
-from ._search import _progress, clipped_sgd, cosine_lr
-from ._xla import loop_jit
+from ._optim import clipped_sgd, cosine_lr
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,9 @@ class TrainConfig:
     cutout_length: int = 16
     crop_padding: int = 4
     flip: bool = True
-    steps_per_chunk: int | None = None
 
     def __post_init__(self):
         positive_ints(self, "channels", "layers", "epochs", "batch_size")
-        positive_ints(self, "steps_per_chunk", optional=True)
         positive(self, "lr")
         non_negative(self, "lr_min", "momentum", "weight_decay", "grad_clip", "auxiliary_weight", "cutout_length")
         if not 0 <= self.drop_path_prob < 1:
@@ -127,11 +126,12 @@ def _loss(params, static, bn_state, x, y, config: TrainConfig, drop_prob, key):
     return total, (loss, jnp.mean(jnp.argmax(logits, -1) == y), bn_state)
 
 
-def make_train_chunk(static, optimizer, config: TrainConfig):
+def make_train_chunk(static, optimizer, config: TrainConfig, execution: Execution | None = None):
     """Jitted `chunk((images, labels, idx[steps, batch], drop_prob), carry) -> (carry, metrics)`
     with `carry = (params, opt_state, bn_state, key)`; the carry is donated."""
+    execution = as_execution(execution)
 
-    @loop_jit
+    @execution.jit
     def chunk(inputs, carry):
         images, labels, idx, drop_prob = inputs
 
@@ -146,7 +146,8 @@ def make_train_chunk(static, optimizer, config: TrainConfig):
             params = eqx.apply_updates(params, updates)
             return (params, opt_state, bn_state, key), (loss, acc)
 
-        return lax.scan(step, carry, idx)
+        with execution.tracing():
+            return lax.scan(step, carry, idx)
 
     return chunk
 
@@ -186,71 +187,57 @@ def train(
     data=None,
     config: TrainConfig | None = None,
     *,
+    execution: Execution | None = None,
     progress: bool | None = None,
     callback=None,
     **options,
 ) -> TrainResult:
     """Train `genotype` from scratch on `data`'s training split; test accuracy on its test split
-    after each epoch. `callback(history, model, state)` is called after each epoch."""
+    after each epoch. `callback(history, model, state)` is called after each epoch; `execution`
+    says how the training runs (its `steps_per_chunk`, formulations, XLA preset)."""
     config = (config or TrainConfig()).replace(**options)
+    execution = as_execution(execution)
+    execution.use_compile_cache()
     if not isinstance(genotype, Genotype):
         raise ValueError(f"genotype must be a Genotype, got {type(genotype).__name__}")
-    data = load(data)
-    if data.x_test is None:
-        raise ValueError(f"data set {data.name!r} has no test split: training from scratch reports test accuracy")
-    n = len(data.x_train)
-    steps_per_epoch = n // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size (={config.batch_size}) is larger than the {n} training images")
-    chunk_len = min(config.steps_per_chunk or steps_per_epoch, steps_per_epoch)
-    chunks = steps_per_epoch // chunk_len
+    data = _checked(load(data), config)
+    assert data.x_test is not None  # `_checked` requires a test split
+    steps_per_epoch = len(data.x_train) // config.batch_size
+    chunk_len, chunks = execution.chunking(steps_per_epoch, None)
     steps_per_epoch = chunks * chunk_len
-    reductions = len(reduction_layers(config.layers))
-    if data.image_shape[0] % 2**reductions or data.image_shape[1] % 2**reductions:
-        raise ValueError(
-            f"images of {data.image_shape[0]}x{data.image_shape[1]} cannot pass {reductions} reduction cells: "
-            f"height and width must be divisible by {2**reductions}"
-        )
 
     key_model, key_order, key_train = jax.random.split(key, 3)
     model, bn_state = make_eval_network(
         genotype, config.channels, config.layers, data.num_classes, data.image_shape[2], config.auxiliary, key=key_model
     )
-    parameters = count_parameters(model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     optimizer = train_optimizer(config, steps_per_epoch)
     carry = (params, optimizer.init(params), bn_state, key_train)
-    chunk = make_train_chunk(static, optimizer, config)
+    chunk = make_train_chunk(static, optimizer, config, execution)
     evaluate = make_evaluate(static)
     images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     test = tuple(jnp.asarray(a) for a in _batched(data.x_test, data.y_test, config.batch_size))
 
     history, seconds = [], []
-    bar = _progress(config.epochs * steps_per_epoch, 0, progress)
+    bar = progress_bar(config.epochs * steps_per_epoch, 0, progress)
     try:
         for epoch in range(config.epochs):
             start = time.perf_counter()
             drop_prob = jnp.float32(config.drop_path_prob * epoch / config.epochs)
-            order = jax.random.permutation(jax.random.fold_in(key_order, epoch), n)
+            order = jax.random.permutation(jax.random.fold_in(key_order, epoch), len(images))
             idx = order[: steps_per_epoch * config.batch_size].reshape(chunks, chunk_len, config.batch_size)
-            losses, accs = [], []
+            metrics = []
             for c in range(chunks):
-                carry, (loss, acc) = chunk((images, labels, idx[c], drop_prob), carry)
-                losses.append(np.asarray(loss))
-                accs.append(np.asarray(acc))
+                carry, m = chunk((images, labels, idx[c], drop_prob), carry)
+                metrics.append(m)
                 bar.update(chunk_len)
-            loss, acc = np.concatenate(losses), np.concatenate(accs)
-            if not np.all(np.isfinite(loss)):
-                bad = int(np.flatnonzero(~np.isfinite(loss))[0])
-                raise FloatingPointError(
-                    f"training loss became non-finite at step {epoch * steps_per_epoch + bad + 1} (epoch {epoch + 1})"
-                )
-            correct = int(evaluate(carry[0], carry[2], *test))
+            loss, acc = (np.concatenate([np.asarray(m[i]) for m in metrics]) for i in (0, 1))
+            _check_finite(loss, epoch, steps_per_epoch)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": float(loss.mean()),
                 "train_acc": float(acc.mean()),
-                "test_acc": correct / len(data.x_test),
+                "test_acc": int(evaluate(carry[0], carry[2], *test)) / len(data.x_test),
                 "lr": float(epoch_lr(config, epoch)),
                 "drop_prob": float(drop_prob),
             }
@@ -261,7 +248,32 @@ def train(
                 callback(list(history), eqx.combine(carry[0], static), carry[2])
     finally:
         bar.close()
-    return TrainResult(eqx.combine(carry[0], static), carry[2], history, parameters, config, seconds)
+    return TrainResult(eqx.combine(carry[0], static), carry[2], history, count_parameters(model), config, seconds)
+
+
+def _checked(data, config: TrainConfig):
+    """`data` if `config` can train on it: a test split, a batch that fits, a size the reduction
+    cells can halve twice; else a `ValueError` naming the problem."""
+    if data.x_test is None:
+        raise ValueError(f"data set {data.name!r} has no test split: training from scratch reports test accuracy")
+    if len(data.x_train) < config.batch_size:
+        raise ValueError(f"batch_size (={config.batch_size}) is larger than the {len(data.x_train)} training images")
+    reductions = len(reduction_layers(config.layers))
+    height, width = data.image_shape[:2]
+    if height % 2**reductions or width % 2**reductions:
+        raise ValueError(
+            f"images of {height}x{width} cannot pass {reductions} reduction cells: "
+            f"height and width must be divisible by {2**reductions}"
+        )
+    return data
+
+
+def _check_finite(loss, epoch: int, steps_per_epoch: int) -> None:
+    if not np.all(np.isfinite(loss)):
+        bad = int(np.flatnonzero(~np.isfinite(loss))[0])
+        raise FloatingPointError(
+            f"training loss became non-finite at step {epoch * steps_per_epoch + bad + 1} (epoch {epoch + 1})"
+        )
 
 
 def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes: int, in_channels: int) -> None:

@@ -1,9 +1,10 @@
 """XLA compiler options for the library's large jitted loops (the search and training chunks).
 
-On CPU these programs are compile-bound: a search chunk at C=16, layers=8 is ~1,400 distinct
-fusion kernels, and LLVM's optimisation of them is a large share of its compile time. XLA:CPU's
-`CPU_OPT_PRESET_FAST_COMPILE` preset cut that compile by 7-13% with no measurable change in run
-time, whose bulk is convolution library calls that LLVM does not generate (experiments/README.md).
+On CPU these programs are compile-bound: a search chunk is over a thousand distinct fusion
+kernels, and LLVM's optimisation of them is a large share of its compile time. XLA:CPU's
+`CPU_OPT_PRESET_FAST_COMPILE` preset shortens that compile without a measurable change in run
+time, whose bulk is convolution library calls that LLVM does not generate (figures in
+experiments/RESULTS.md).
 A preset the user chose in `XLA_FLAGS` (or a flag file there) is left alone; an XLA without the
 option gets none; `DARTS_EQX_XLA_PRESET=default` turns ours off.
 
@@ -17,6 +18,9 @@ import contextlib
 import ctypes
 import functools
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -24,11 +28,20 @@ import jax
 _PRESETS = {"fast_compile": "CPU_OPT_PRESET_FAST_COMPILE", "default": None}
 
 
-def loop_compiler_options() -> dict[str, str] | None:
-    """`compiler_options` for `jax.jit` of a search or training chunk on the current backend."""
-    choice = os.environ.get("DARTS_EQX_XLA_PRESET") or "fast_compile"
+def check_preset(choice: str, what: str = "xla_preset") -> str:
     if choice not in _PRESETS:
-        raise ValueError(f"DARTS_EQX_XLA_PRESET (={choice!r}) must be one of {sorted(_PRESETS)}")
+        raise ValueError(f"{what} (={choice!r}) must be one of {sorted(_PRESETS)}")
+    return choice
+
+
+def loop_compiler_options(preset: str | None = None) -> dict[str, str] | None:
+    """`compiler_options` for `jax.jit` of a search or training chunk on the current backend, with
+    XLA:CPU preset `preset` (`fast_compile` or `default`; None: `$DARTS_EQX_XLA_PRESET`, else
+    `fast_compile`)."""
+    if preset is None:
+        choice = check_preset(os.environ.get("DARTS_EQX_XLA_PRESET") or "fast_compile", "DARTS_EQX_XLA_PRESET")
+    else:
+        choice = check_preset(preset)
     if _PRESETS[choice] is None or jax.default_backend() != "cpu":
         return None
     flags = os.environ.get("XLA_FLAGS", "")
@@ -60,9 +73,8 @@ def release_compiler_memory() -> bool:
     """Once per process: after every XLA compile longer than a second, return the freed heap to
     the OS (glibc's `malloc_trim`). The compiler's memory is freed when it finishes, but glibc
     keeps those pages in its per-thread arenas, and the program's own buffers, allocated from
-    other threads, then come on top: C=8, layers=5, batch 32, first order, peak RSS 2.9-3.0 GB
-    without it, 2.0 GB with it, same speed (experiments/README.md). False where there is no
-    `malloc_trim` (not glibc)."""
+    other threads, then come on top, raising the peak RSS (experiments/RESULTS.md). False where
+    there is no `malloc_trim` (not glibc)."""
     try:
         ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError, TypeError):
@@ -79,15 +91,12 @@ def release_compiler_memory() -> bool:
 _FULL_TRACEBACKS = "jax_include_full_tracebacks_in_locations"
 
 
-def _full_tracebacks_option():
-    """JAX's own context manager for the option (thread-local, restores the previous value), or
-    None where this JAX has none: its public `jax.config.update` would change it for every thread."""
-    try:
-        from jax._src import config as jax_config
-    except ImportError:  # pragma: no cover - a JAX without the module
-        return None
-    option = getattr(jax_config, _FULL_TRACEBACKS.removeprefix("jax_"), None)
-    return option if callable(option) else None
+def _full_tracebacks_option() -> Callable[[bool], AbstractContextManager] | None:
+    """The option's thread-local context manager (JAX's own, restoring the previous value), or None
+    where this JAX does not expose one: `jax.config.update` would change it for every thread."""
+    option = getattr(jax.config, "_value_holders", {}).get(_FULL_TRACEBACKS)
+    # A callable holder is JAX's `State`, whose call with a value is that value's context manager.
+    return cast(Callable[[bool], AbstractContextManager], option) if callable(option) else None
 
 
 @contextlib.contextmanager
@@ -95,7 +104,7 @@ def short_locations():
     """Lower inside this to give each operation the source location of its innermost user frame
     (file and line, what profiles and XLA's errors show) instead of JAX's default, its whole Python
     traceback, which XLA keeps through its compile. The option is set for this thread only and
-    restored after; a no-op where the user turned it off or this JAX lacks it."""
+    restored after; a no-op where the user turned it off or this JAX has no thread-local switch."""
     option = _full_tracebacks_option()
     if option is None or not getattr(jax.config, _FULL_TRACEBACKS, False):
         yield
@@ -121,14 +130,17 @@ class _ShortLocations:
             return self._jitted.lower(*args, **kwargs)
 
 
-def loop_jit(fn):
+def loop_jit(fn, *, preset: str | None = None, release_memory: bool = True):
     """`fn` jitted as the library's large scan-fused loops (search and training chunks) are: every
-    argument's buffers but the first's donated, XLA's fast-compile preset (`loop_compiler_options`),
-    the compiler's heap returned after each large compile (`release_compiler_memory`), short source
-    locations (`short_locations`), and a second trace an error: it would mean a recompile per
-    chunk, minutes on CPU."""
-    release_compiler_memory()
-    jitted = eqx.filter_jit(donate="all-except-first", compiler_options=loop_compiler_options())(
-        eqx.debug.assert_max_traces(fn, max_traces=1)
+    argument's buffers but the first's donated, XLA's preset `preset` (`loop_compiler_options`),
+    the compiler's heap returned after each large compile (`release_compiler_memory`, unless
+    `release_memory` is False), short source locations (`short_locations`), and a second trace an
+    error: it would mean a recompile per chunk, minutes on CPU."""
+    if release_memory:
+        release_compiler_memory()
+    # equinox's `filter_jit` overloads leave out the `jax.jit` keywords it passes on (`compiler_options`).
+    jit = eqx.filter_jit(  # pyright: ignore[reportCallIssue]
+        donate="all-except-first", compiler_options=loop_compiler_options(preset)
     )
+    jitted = jit(eqx.debug.assert_max_traces(fn, max_traces=1))
     return _ShortLocations(jitted)

@@ -16,6 +16,7 @@ import csv
 import os
 from dataclasses import dataclass
 
+import einops
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,8 @@ class NB201Cell(eqx.Module):
     def __call__(self, x: Images, weights: Float[Array, "6 5"]) -> Images:
         nodes = [x]
         for j in range(1, NODES):
-            nodes.append(sum(self.edges[e](nodes[i], weights[e]) for e, (i, to) in enumerate(EDGES) if to == j))
+            terms = [self.edges[e](nodes[i], weights[e]) for e, (i, to) in enumerate(EDGES) if to == j]
+            nodes.append(sum(terms[1:], terms[0]))
         return nodes[-1]
 
 
@@ -66,8 +68,7 @@ class ResidualReduction(eqx.Module):
         self.shortcut = _uniform(ks, (cin, cout), cin)  # a 1x1 conv's kernel, PyTorch's init
 
     def __call__(self, x: Images) -> Output:
-        b, h, w, c = x.shape
-        pooled = x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        pooled = einops.reduce(x, "b (h 2) (w 2) c -> b h w c", "mean")
         return self.conv_b(self.conv_a(x)) + pointwise_conv(pooled, self.shortcut)
 
 

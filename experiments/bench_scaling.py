@@ -26,18 +26,14 @@ def run_one(a) -> dict:
 
     import darts_eqx as dx
     from darts_eqx import _parallel
-    from darts_eqx._search import (
-        SearchConfig,
-        arch_optimizer,
-        build_supernet,
-        initial_state,
-        make_chunk_fn,
-        weight_optimizer,
-    )
+    from darts_eqx._optim import arch_optimizer, weight_optimizer
+    from darts_eqx._state import initial_state
+    from darts_eqx._step import make_chunk_fn
+    from darts_eqx._supernet import build_supernet
 
     n_dev = a.devices[0]
     batch = a.batch_per_device * n_dev
-    config = SearchConfig(space=a.space, channels=a.C, layers=a.layers, batch_size=batch)
+    config = dx.SearchConfig(space=a.space, channels=a.C, layers=a.layers, batch_size=batch)
     mesh = _parallel.data_mesh(n_dev)
     key = jax.random.key(0)
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
@@ -54,7 +50,7 @@ def run_one(a) -> dict:
     else:
         state, data = _parallel.replicate(state, mesh), _parallel.replicate((images, labels), mesh)
     train, val = _parallel.shard_rows(idx[: a.steps], mesh), _parallel.shard_rows(idx[a.steps :], mesh)
-    chunk = make_chunk_fn(static, w_opt, a_opt, mesh)
+    chunk = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config), mesh=mesh)
     start = time.perf_counter()
     compiled = chunk.lower((*data, train, val), state).compile()
     compile_s = time.perf_counter() - start

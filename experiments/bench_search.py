@@ -26,17 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import darts_eqx as dx
-from darts_eqx._cli import use_compile_cache
-from darts_eqx._search import (
-    SearchConfig,
-    arch_optimizer,
-    build_supernet,
-    initial_state,
-    make_chunk_fn,
-    resolve_shared_trace,
-    second_order_gradient,
-    weight_optimizer,
-)
+from darts_eqx._execution import use_compile_cache
+from darts_eqx._optim import arch_optimizer, weight_optimizer
+from darts_eqx._state import initial_state
+from darts_eqx._step import make_chunk_fn, second_order_gradient
+from darts_eqx._supernet import build_supernet
 
 
 def main():
@@ -56,7 +50,7 @@ def main():
         action=argparse.BooleanOptionalAction,
         default=None,
         help="one traced gradient per step (order 1, or 2 with finite_difference), or one per phase "
-        "(default: the library's choice, `resolve_shared_trace`)",
+        "(default: the library's choice, `Execution.resolve`)",
     )
     parser.add_argument("--compile-cache", help="JAX persistent compilation cache directory (default: none)")
     parser.add_argument("--compile-only", action="store_true", help="lower and compile one chunk, do not run it")
@@ -65,7 +59,7 @@ def main():
     if cache:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         entries_before = len(os.listdir(cache)) if os.path.isdir(cache) else 0
-    config = SearchConfig(
+    config = dx.SearchConfig(
         space=a.space,
         channels=a.C,
         layers=a.layers,
@@ -73,9 +67,8 @@ def main():
         partial_channels=a.partial_channels,
         order=a.order,
         estimator=a.estimator,
-        shared_trace=a.shared_trace,
     )
-    config = config.replace(shared_trace=resolve_shared_trace(config))
+    execution = dx.Execution(shared_trace=a.shared_trace).resolve(config)
     key = jax.random.key(0)
     model = build_supernet(config, (a.image, a.image, 3), a.classes, key=key)
     arch, weights, static = dx.split_arch(model)
@@ -87,7 +80,7 @@ def main():
     labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
     arch_grad = second_order_gradient(config, 100) if a.order == 2 else None
-    chunk = make_chunk_fn(static, w_opt, a_opt, arch_grad=arch_grad, shared_trace=config.shared_trace)
+    chunk = make_chunk_fn(static, w_opt, a_opt, execution, arch_grad=arch_grad)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     config_fields = {
         "impl": "darts_eqx",
@@ -100,7 +93,7 @@ def main():
         "image": a.image,
         "steps": a.steps,
         "partial_channels": a.partial_channels,
-        "shared_trace": config.shared_trace,
+        "shared_trace": execution.shared_trace,
     }
     if a.compile_only:
         print(json.dumps({**config_fields, **compile_figures(chunk, inputs, state), "backend": jax.default_backend()}))

@@ -29,8 +29,9 @@ import optax
 from bench_search import lower_and_compile
 
 import darts_eqx as dx
+from darts_eqx import SearchConfig
 from darts_eqx._loss import supernet_loss
-from darts_eqx._search import SearchConfig, build_supernet
+from darts_eqx._supernet import build_supernet
 
 PARTS = ("gradient", "mixed", "exact")
 

@@ -17,7 +17,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_arrays  # noqa: E402
 
 import darts_eqx as dx  # noqa: E402
-from darts_eqx import _parallel, _search  # noqa: E402
+from darts_eqx import _parallel  # noqa: E402
+from darts_eqx._optim import arch_optimizer, weight_optimizer  # noqa: E402
+from darts_eqx._step import make_chunk_fn  # noqa: E402
+from darts_eqx._supernet import build_supernet  # noqa: E402
 
 DATA = dx.data.from_arrays(*tiny_arrays(n=128))
 OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
@@ -33,24 +36,31 @@ def summary(result):
 
 def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> str:
     """The optimised HLO of the search chunk on `devices` devices (or only its lowered form)."""
-    config = _search.SearchConfig(**{k: v for k, v in {**OPTIONS, **options}.items() if k != "progress"})
+    config = dx.SearchConfig(**{k: v for k, v in {**OPTIONS, **options}.items() if k != "progress"})
     mesh = _parallel.data_mesh(devices)
-    model = _search.build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
+    model = build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
     arch, weights, static = dx.split_arch(model)
-    w_opt, a_opt = _search.weight_optimizer(config, 4), _search.arch_optimizer(config)
-    state = _search.SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), np.int32(0), jax.random.key(1))
+    w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
+    state = dx.SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), np.int32(0), jax.random.key(1))
     state = _parallel.replicate(state, mesh)
     data = _parallel.replicate((DATA.x_train, DATA.y_train), mesh)
     idx = _parallel.shard_rows(np.arange(32).reshape(2, 16), mesh)
-    chunk = _search.make_chunk_fn(static, w_opt, a_opt, mesh)
+    chunk = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config), mesh=mesh)
     lowered = chunk.lower((*data, idx, idx), state)
     return lowered.as_text() if lowered_only else lowered.compile().compiled.as_text()
 
 
 if mode == "local":
     out = {"devices": len(jax.devices())}
-    one = dx.search(jax.random.key(3), DATA, devices=1, **OPTIONS)
-    four = dx.search(jax.random.key(3), DATA, devices=4, checkpoint_dir=sys.argv[2], checkpoint_every=2, **OPTIONS)
+    one = dx.search(jax.random.key(3), DATA, execution=dx.Execution(devices=1), **OPTIONS)
+    four = dx.search(
+        jax.random.key(3),
+        DATA,
+        execution=dx.Execution(devices=4),
+        checkpoint_dir=sys.argv[2],
+        checkpoint_every=2,
+        **OPTIONS,
+    )
     out["one"], out["four"] = summary(one), summary(four)
     # the 4-device checkpoints resume on one device: the checkpoint does not depend on the mesh
     os.remove(os.path.join(sys.argv[2], "step-000000008", "manifest.json"))
@@ -59,7 +69,13 @@ if mode == "local":
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dx.CheckpointWarning)
         resumed = dx.search(
-            jax.random.key(3), DATA, devices=1, checkpoint_dir=sys.argv[2], checkpoint_every=2, resume=True, **OPTIONS
+            jax.random.key(3),
+            DATA,
+            execution=dx.Execution(devices=1),
+            checkpoint_dir=sys.argv[2],
+            checkpoint_every=2,
+            resume=True,
+            **OPTIONS,
         )
     out["resumed_on_one"] = summary(resumed)
     out["all_reduce"] = "all-reduce" in compiled_chunk_text(4)
@@ -69,9 +85,9 @@ if mode == "local":
         n: compiled_chunk_text(n, lowered_only=True, **darts).count("darts_eqx_depthwise_forward") for n in (1, 4)
     }
     out["errors"] = []
-    for options in (dict(devices=4, batch_size=18), dict(devices=5), dict(devices=0)):
+    for devices, options in ((4, dict(batch_size=18)), (5, {}), (0, {})):
         try:
-            dx.search(jax.random.key(3), DATA, **{**OPTIONS, **options})
+            dx.search(jax.random.key(3), DATA, execution=dx.Execution(devices=devices), **{**OPTIONS, **options})
         except ValueError as e:
             out["errors"].append(str(e))
     print(json.dumps(out))

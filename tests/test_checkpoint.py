@@ -15,8 +15,11 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
-from darts_eqx import _checkpoint, _search
+from darts_eqx import _checkpoint, _step
 from darts_eqx._fused import per_source_view
+from darts_eqx._optim import arch_optimizer, weight_optimizer
+from darts_eqx._state import initial_state, saved as saved_state
+from darts_eqx._supernet import build_supernet
 
 # 64 images per half / batch 16 = 4 steps per epoch; checkpoint_every=2 gives chunks of 2 steps, so
 # checkpoints fall mid-epoch (steps 2, 6, 10) and at epoch ends (4, 8, 12).
@@ -81,32 +84,40 @@ def test_resume_with_other_chunking_is_bit_exact(plain, run_dir):
     assert_same_search(plain, resumed)
 
 
-def test_checkpoint_without_a_newer_option_resumes_at_its_default(plain, run_dir):
-    # Checkpoints written before `shared_trace` existed lack it in their config: they ran with the
-    # default, so they resume; the same checkpoint then refuses a search that sets it.
+def test_a_checkpoint_recording_how_it_ran_resumes(plain, run_dir):
+    # Checkpoints written when the config held execution options (chunk length, trace form) record
+    # them in their config: how a search ran is not what it is, so they resume all the same.
     shutil.rmtree(run_dir / "step-000000012")
     path = run_dir / "step-000000010" / "manifest.json"
     saved = manifest(path.parent)
-    del saved["config"]["shared_trace"]
+    saved["config"].update(shared_trace=True, steps_per_chunk=3)
     saved["manifest_sha256"] = _checkpoint._manifest_digest(saved)
     path.write_text(json.dumps(saved))
-    with pytest.raises(dx.CheckpointError, match=r"shared_trace \(checkpoint False, now True\)"):
-        options = dict(checkpoint_dir=run_dir, checkpoint_every=2, resume=True, shared_trace=True)
-        dx.search(jax.random.key(KEY), DATA, **options, **OPTIONS)
     resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=run_dir, checkpoint_every=2, resume=True, **OPTIONS)
     assert_same_search(plain, resumed)
 
 
-def test_a_resume_keeps_the_trace_form_its_checkpoint_ran_with(tmp_path):
-    # By default (shared_trace=None) a resumed search continues with the trace form its checkpoint
-    # was written with, so it is the same search bit for bit, whatever the default for new ones.
+def test_a_checkpoint_resumes_under_another_execution(tmp_path):
+    # Written with the shared trace: resumed under the same execution it is the same search bit for
+    # bit; under separate traces (another execution) it resumes too, the same search up to rounding.
     options = dict(checkpoint_dir=tmp_path / "checkpoints", checkpoint_every=2, **OPTIONS)
-    full = dx.search(jax.random.key(KEY), DATA, shared_trace=True, **options)
-    assert manifest(tmp_path / "checkpoints" / "step-000000010")["config"]["shared_trace"] is True
+    shared = dx.Execution(shared_trace=True)
+    full = dx.search(jax.random.key(KEY), DATA, execution=shared, **options)
+    assert "shared_trace" not in manifest(tmp_path / "checkpoints" / "step-000000010")["config"]
+    backup = tmp_path / "backup"
+    shutil.copytree(tmp_path / "checkpoints", backup)
     shutil.rmtree(tmp_path / "checkpoints" / "step-000000012")
-    resumed = dx.search(jax.random.key(KEY), DATA, resume=True, **options)
-    assert resumed.config.shared_trace is True
+    resumed = dx.search(jax.random.key(KEY), DATA, resume=True, execution=shared, **options)
+    assert resumed.execution.shared_trace is True
     assert_same_search(full, resumed)
+    shutil.rmtree(tmp_path / "checkpoints")
+    shutil.copytree(backup, tmp_path / "checkpoints")
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000000012")
+    other = dx.search(jax.random.key(KEY), DATA, resume=True, execution=dx.Execution(shared_trace=False), **options)
+    assert other.execution.shared_trace is False and len(other.history) == len(full.history)
+    np.testing.assert_allclose(other.supernet.alpha.logits, full.supernet.alpha.logits, rtol=1e-4, atol=1e-6)
+    for a, b in zip(other.history, full.history):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
 
 
 def test_resuming_a_finished_search_returns_it(plain, run_dir):
@@ -142,7 +153,6 @@ def test_no_loadable_checkpoint_is_an_error_naming_each(run_dir):
         (KEY, DATA, dict(channels=8), r"config differs in channels \(checkpoint 4, now 8\)$"),
         (KEY, DATA, dict(space="darts", layers=2), r"layers \(checkpoint 1, now 2\), space \(checkpoint 'seed'"),
         (KEY, DATA, dict(epochs=5), r"epochs \(checkpoint 3, now 5\); to change \['epochs'\] on purpose, allow"),
-        (KEY, DATA, dict(shared_trace=True), r"config differs in shared_trace \(checkpoint False, now True\)$"),
         (KEY, dx.data.from_arrays(*tiny_arrays(n=128, seed=1)), {}, r"the data set differs"),
         (KEY + 1, DATA, {}, r"the key \(seed\) differs"),
     ],
@@ -186,20 +196,20 @@ def test_resume_without_checkpoints_starts_fresh(plain, tmp_path):
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, plain):
-    original = _search.search_step
+    original = _step.search_step
 
     def poisoned(state, *args):  # the weights become NaN after step 5
         new, metrics = original(state, *args)
         nan = lambda w: jnp.where(new.step == 5, jnp.nan, w) if eqx.is_inexact_array(w) else w  # noqa: E731
         return eqx.tree_at(lambda s: s.weights, new, jax.tree.map(nan, new.weights)), metrics
 
-    monkeypatch.setattr(_search, "search_step", poisoned)
+    monkeypatch.setattr(_step, "search_step", poisoned)
     directory = tmp_path / "checkpoints"
     with pytest.raises(dx.SearchDiverged, match=r"train_loss became non-finite \(nan\) at step 6 \(epoch 2\)") as e:
         dx.search(jax.random.key(KEY), DATA, checkpoint_dir=directory, checkpoint_every=2, **OPTIONS)
     assert "step-000000004 is kept" in str(e.value)
     assert [step for step, _ in _checkpoint.list_checkpoints(directory)] == [4, 2]
-    monkeypatch.setattr(_search, "search_step", original)
+    monkeypatch.setattr(_step, "search_step", original)
     resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=directory, checkpoint_every=2, resume=True, **OPTIONS)
     assert_same_search(plain, resumed)
 
@@ -230,10 +240,10 @@ def test_a_format_1_checkpoint_of_per_source_cells_resumes_bit_exact(tmp_path):
     shutil.rmtree(directory / "step-000000004")
     path = directory / "step-000000002"
     config = full.config
-    model = _search.build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
+    model = build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
     arch, weights, _ = dx.split_arch(model)
-    w_opt, a_opt = _search.weight_optimizer(config, 4), _search.arch_optimizer(config)
-    like = _search._saved(_search.initial_state(weights, arch, w_opt, a_opt, jax.random.key(0)))
+    w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
+    like = saved_state(initial_state(weights, arch, w_opt, a_opt, jax.random.key(0)))
     legacy = per_source_view(_checkpoint.load_arrays(str(path), like))
     edges = [len(jax.tree.leaves(s)[0]) for s in legacy.weights.cells[0].sources]
     assert edges == [4, 4, 3, 2, 1]  # each source's own edges, no padding

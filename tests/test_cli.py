@@ -60,5 +60,5 @@ def test_darts_search_with_shared_trace_draws_its_cells_and_alphas(tmp_path):
     assert main([*args, "--channels", "2", "--layers", "1", "--shared-trace", "--out", str(out)]) == 0
     for name in ("normal.png", "reduce.png", "alphas.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
-    assert json.loads((out / "config.json").read_text())["shared_trace"] is True
+    assert json.loads((out / "execution.json").read_text())["shared_trace"] is True
     assert all(np.isfinite(h["train_loss"]) for h in json.loads((out / "history.json").read_text()))

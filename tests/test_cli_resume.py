@@ -112,7 +112,8 @@ def test_resume_refuses_another_runs_options_and_new_runs_refuse_used_folders(da
     shutil.copytree(uninterrupted, out)
     config = json.loads((out / "config.json").read_text())
     assert config["space"] == "seed" and config["dataset"] == dataset
-    assert config["shared_trace"] is False  # the form that ran (resolved), not None
+    assert "shared_trace" not in config  # how it ran is in execution.json: the form that ran, not None
+    assert json.loads((out / "execution.json").read_text())["shared_trace"] is False
     code, err = run("--out", str(out), "--resume", "--space", "darts", "--layers", "2")
     assert code == 2 and err.strip().splitlines()[-1].startswith("darts-eqx: error: cannot resume from")
     assert "layers (checkpoint 2" not in err and "space (checkpoint 'seed', now 'darts')" in err

@@ -1,4 +1,9 @@
+import ast
 import json
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +82,54 @@ def test_derive_cell_follows_the_paper_rule():
     assert all(isinstance(i, int) for _, i in gene)
     with pytest.raises(ValueError, match="non-finite"):
         derive_cell(np.where(w > 0.85, np.nan, w), names, 4)
+
+
+def test_genotypes_are_read_without_jax():
+    # Reading, checking and printing a genotype (and the published ones) imports neither jax,
+    # equinox nor the C++ kernel: a fresh interpreter, so nothing else has imported them.
+    script = f"""
+import sys
+from darts_eqx import GENOTYPES, Genotype, named_genotype
+g = Genotype.parse({DARTS_V2!r})
+assert Genotype.from_json(g.to_json()) == g and str(g) == {DARTS_V2!r}
+assert named_genotype("darts_v2") == g == GENOTYPES["DARTS_V2"]
+loaded = [m for m in ("jax", "jaxlib", "equinox", "darts_eqx._native", "darts_eqx._ops") if m in sys.modules]
+assert not loaded, loaded
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+
+
+def test_a_registered_space_makes_its_genotypes_valid():
+    def never_built(c, s, affine, key):
+        raise AssertionError("a genotype never builds ops")
+
+    def genotype(*pairs):
+        return dx.Genotype(pairs, (), (), (), space="genotype_test")
+
+    with pytest.raises(ValueError, match="unknown search space 'genotype_test'"):
+        genotype(("scale", 0))
+    dx.register_space(dx.SearchSpace("genotype_test", ("none", "scale"), (never_built, never_built)))
+    assert genotype(("scale", 0)).normal == (("scale", 0),)
+    with pytest.raises(ValueError, match="'none' is not one of \\('scale',\\)"):
+        genotype(("none", 0))
+
+
+def test_the_package_lists_and_resolves_every_public_name():
+    # `__all__`, the lazy table and the imports type checkers read name the same things.
+    typed = set()
+    for node in ast.walk(ast.parse(Path(dx.__file__).read_text())):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "typing.TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom)
+                for alias in stmt.names:
+                    assert alias.asname == alias.name
+                    typed.add(alias.name)
+    lazy = set(dx._DEFINED_IN) | set(dx._SUBMODULES)
+    assert sorted(dx.__all__) == sorted(lazy | {"__version__"}) and len(set(dx.__all__)) == len(dx.__all__)
+    assert typed == lazy
+    assert set(dx.__all__) <= set(dir(dx))
+    for name in dx.__all__:
+        assert getattr(dx, name) is not None
+    assert isinstance(dx.nb201, types.ModuleType) and dx.Genotype is dx._genotype.Genotype
+    with pytest.raises(AttributeError, match="no attribute 'Genotypes'"):
+        getattr(dx, "Genotypes")

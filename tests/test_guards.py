@@ -9,9 +9,10 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
+from darts_eqx import SearchConfig
 from darts_eqx._guards import beta_regularizer, grew, hessian_eigenvalue, ramp
 from darts_eqx._loss import supernet_loss
-from darts_eqx._search import SearchConfig, _with_recorded_alpha, build_supernet
+from darts_eqx._supernet import build_supernet, with_recorded_alpha
 
 
 def test_beta_regularizer_is_the_mean_logsumexp_over_all_edges(getkey):
@@ -58,7 +59,7 @@ def test_darts_es_rule_and_the_recorded_architecture(getkey):
         "alpha_normal": np.eye(14, 8)[:, ::-1].clip(0.01, None).tolist(),
         "alpha_reduce": np.full((14, 8), 1 / 8).tolist(),
     }
-    restored = _with_recorded_alpha(model, record)
+    restored = with_recorded_alpha(model, record)
     normal = np.asarray(record["alpha_normal"])
     np.testing.assert_allclose(restored.alpha_normal.weights(), normal / normal.sum(axis=1, keepdims=True), rtol=1e-5)
     assert dx.derive_genotype(restored).normal[0][0] == dx.DARTS_SPACE.op_names[7]  # the recorded favourite
@@ -88,12 +89,12 @@ def test_hessian_eigenvalue_is_recorded_and_early_stop_keeps_the_earlier_genotyp
     else:
         assert watched.stopped_at == len(watched.history) >= 2
         assert eigenvalues[-1] > 1.0001 * eigenvalues[-2]
-        earlier = _with_recorded_alpha(watched.supernet, watched.history[watched.stopped_at - 2])
+        earlier = with_recorded_alpha(watched.supernet, watched.history[watched.stopped_at - 2])
         assert watched.genotype == dx.derive_genotype(earlier)
 
 
 def test_darts_minus_sees_an_extra_decaying_identity(getkey):
-    from darts_eqx._guards import aux_skip_view
+    from darts_eqx._methods import aux_skip_view
 
     model = dx.SeedNetwork(4, 1, 3, 1, key=getkey())
     arch, _, _ = dx.split_arch(model)

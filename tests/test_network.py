@@ -11,7 +11,8 @@ from helpers import conv_impl, random_images, tree_allclose
 import darts_eqx as dx
 from darts_eqx import _native
 from darts_eqx._conv import uses_depthwise_kernel
-from darts_eqx._fused import SourceOps, per_source_view
+from darts_eqx._fused import per_source_view
+from darts_eqx._source_ops import SourceOps
 
 
 def test_weight_count_matches_original():

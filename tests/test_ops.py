@@ -1,23 +1,25 @@
 """Each fast formulation of a convolution or pool against the plain reference (XLA's own op and
 JAX's own gradient)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
+import darts_eqx as dx
 from darts_eqx._conv import (
-    avg_pool,
     conv2d,
     depthwise_conv2d,
     kernel_gradient_gate,
-    max_pool,
     pointwise_conv,
     separable_conv2d,
     weight_einsum,
 )
-from darts_eqx._ops import BatchNorm, FactorizedReduce, _uniform, batch_norm
+from darts_eqx._ops import BatchNorm, FactorizedReduce, _uniform, batch_norm, jit_build
+from darts_eqx._pool import avg_pool, max_pool
 
 CONV_CASES = [
     (1, 1, 0, 1),
@@ -190,15 +192,37 @@ def test_kernel_gradient_gate(getkey, gate, op):
         np.testing.assert_array_equal(dw, np.zeros_like(dw))
 
 
-def test_uniform_init_eagerly_traced_and_with_a_captured_key():
-    # Eagerly from the host (no compiled program per shape); inside a trace from jax.random, for a
-    # traced key and for a concrete key the traced function captured.
+@pytest.mark.parametrize("partitionable", [True, False])
+@pytest.mark.parametrize("shape", [(5, 4), (3, 3, 8), (7,), (2, 5, 5, 8)])
+def test_uniform_init_is_jax_random_uniform_eagerly_and_traced(shape, partitionable):
+    # The values of `jax.random.uniform(key, shape)`, however drawn: eagerly, with a traced key and
+    # with a concrete key the traced function captured (and with either threefry counter layout).
     key = jax.random.key(7)
-    eager = _uniform(key, (5, 4), 4)
-    assert eager.dtype == jnp.float32 and eager.shape == (5, 4)
-    np.testing.assert_array_equal(eager, _uniform(key, (5, 4), 4))  # the same key, the same draw
-    traced = jax.jit(lambda k: _uniform(k, (5, 4), 4))(key)
-    captured = jax.jit(lambda: _uniform(key, (5, 4), 4))()
-    np.testing.assert_array_equal(traced, captured)
-    for w in (eager, traced):
-        assert float(jnp.max(jnp.abs(w))) <= 0.5 and float(jnp.std(w)) > 0.1  # U(-1/2, 1/2)
+    bound = 1 / math.sqrt(shape[-1])
+    with jax.threefry_partitionable(partitionable):
+        want = jax.random.uniform(key, shape, jnp.float32, minval=-bound, maxval=bound)
+        eager = _uniform(key, shape, shape[-1])
+        traced = jax.jit(lambda k: _uniform(k, shape, shape[-1]))(key)
+        captured = jax.jit(lambda: _uniform(key, shape, shape[-1]))()
+    for got in (eager, traced, captured):
+        assert got.dtype == jnp.float32 and got.shape == shape
+        np.testing.assert_array_equal(got, want)
+    assert float(jnp.max(jnp.abs(eager))) <= bound and float(jnp.std(eager)) > 0.2 * bound
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda key: dx.SearchNetwork(4, 3, 3, 1, steps=2, multiplier=2, partial_channels=2, key=key),
+        lambda key: dx.nb201.NB201Network(4, 1, 3, 1, key=key),
+        lambda key: dx.make_eval_network(dx.named_genotype("pdarts"), 4, 3, 3, 1, auxiliary=True, key=key),
+    ],
+    ids=["search", "nb201", "eval"],
+)
+def test_a_key_builds_the_same_weights_eagerly_and_under_jit(build):
+    key = jax.random.key(0)
+    eager = build(key)
+    jitted = jit_build(build, key=key)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -114,7 +114,7 @@ def test_partial_channel_search_runs_and_records_edge_weights():
         layers=2,
         epochs=3,
         batch_size=64,
-        steps_per_chunk=7,
+        execution=dx.Execution(steps_per_chunk=7),
         partial_channels=2,
         progress=False,
     )

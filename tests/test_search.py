@@ -10,16 +10,11 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
+from darts_eqx import SearchConfig, SearchState
 from darts_eqx._fused import per_source_view
-from darts_eqx._search import (
-    SearchConfig,
-    SearchState,
-    arch_optimizer,
-    build_supernet,
-    make_chunk_fn,
-    resolve_shared_trace,
-    weight_optimizer,
-)
+from darts_eqx._optim import arch_optimizer, weight_optimizer
+from darts_eqx._step import make_chunk_fn
+from darts_eqx._supernet import build_supernet
 
 DIGITS = dx.data.load("digits")
 
@@ -35,7 +30,7 @@ def darts_result():
         layers=2,
         epochs=2,
         batch_size=64,
-        steps_per_chunk=2,
+        execution=dx.Execution(steps_per_chunk=2),
         progress=False,
     )
 
@@ -77,7 +72,7 @@ def test_chunk_is_compiled_once_and_retraces_are_errors(getkey):
     arch, weights, static = dx.split_arch(model)
     w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
     state = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), getkey())
-    chunk = make_chunk_fn(static, w_opt, a_opt)
+    chunk = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config))
     data = (jnp.asarray(x), jnp.asarray(y))
     idx = jnp.arange(32).reshape(4, 8)
     for _ in range(3):  # same shapes, new values: one trace only
@@ -128,7 +123,8 @@ def test_divergence_stops_the_search_with_a_message():
         (dict(order=3), r"`order` \(=3\) must be 1 \(first order\) or 2"),
         (dict(order=2, estimator="newton"), r"`estimator` \(=.newton.\) must be one of"),
         (dict(layers=3), "divisible by 4"),
-        (dict(order=2, shared_trace=True), r"`shared_trace` with order 2 needs estimator 'finite_difference'"),
+        (dict(execution=dx.Execution(shared_trace=True), order=2), r"`shared_trace` with order 2 needs estimator"),
+        (dict(steps_per_chunk=2), r"unknown search option\(s\) \['steps_per_chunk'\]"),
     ],
 )
 def test_bad_options_fail_before_compiling(options, message):
@@ -137,35 +133,56 @@ def test_bad_options_fail_before_compiling(options, message):
         dx.search(jax.random.key(0), (x, y), **{"channels": 4, "layers": 1, "epochs": 1, "batch_size": 16, **options})
 
 
-@pytest.mark.parametrize("name", ["shared_trace", "hessian"])
-def test_non_bool_switch_is_an_error(name):
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(steps_per_chunk=0), r"`steps_per_chunk` \(=0\) must be a positive integer"),
+        (dict(depthwise="fast"), r"`depthwise` \(='fast'\) must be one of"),
+        (dict(conv="fast"), r"`conv` \(='fast'\) must be 'canonical' or 'native'"),
+    ],
+)
+def test_bad_execution_options_are_errors_naming_them(options, message):
+    with pytest.raises(ValueError, match=message):
+        dx.Execution(**options)
+
+
+def test_non_bool_switch_is_an_error():
     # The suite's runtime type checker rejects it at the annotation; without one (as users run it)
     # `__post_init__` must, or a truthy string would switch the option on.
-    config = SearchConfig()
-    object.__setattr__(config, name, "yes")
-    with pytest.raises(ValueError, match=rf"`{name}` \(='yes'\) must be True(,| or) False"):
-        config.__post_init__()
+    for value in (SearchConfig(), dx.Execution()):
+        name = "hessian" if isinstance(value, SearchConfig) else "shared_trace"
+        object.__setattr__(value, name, "yes")
+        with pytest.raises(ValueError, match=rf"`{name}` \(='yes'\) must be True(,| or) False"):
+            value.__post_init__()
 
 
-def test_the_trace_form_is_chosen_per_search_and_kept_on_resume(monkeypatch):
+def test_execution_is_not_part_of_the_config():
+    # What a search computes and how it runs are apart: the config has no execution fields.
+    import dataclasses
+
+    config_fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    execution_fields = {f.name for f in dataclasses.fields(dx.Execution)}
+    assert not config_fields & execution_fields
+    assert {"steps_per_chunk", "shared_trace", "devices", "depthwise"} <= execution_fields
+
+
+def test_the_trace_form_is_chosen_per_search(monkeypatch):
     # None (default) picks the shared trace where it is the better trade (on CPU, second order
     # with finite differences: half the compile, two-thirds of the memory), separate traces for
-    # the exact estimator (which cannot share); a resumed search keeps what its checkpoint ran
-    # with unless the user chooses; an explicit choice always wins.
+    # the exact estimator (which cannot share); an explicit choice always wins.
     fd = SearchConfig(order=2, estimator="finite_difference")
     exact = SearchConfig(order=2)
     first = SearchConfig()
-    assert resolve_shared_trace(fd) is True
-    assert resolve_shared_trace(exact) is False
-    assert resolve_shared_trace(first) is False
-    assert resolve_shared_trace(fd, checkpointed=False) is False
-    assert resolve_shared_trace(first, checkpointed=True) is True
-    assert resolve_shared_trace(exact, checkpointed=True) is False  # the checkpoint's form cannot apply
-    assert resolve_shared_trace(fd.replace(shared_trace=False), checkpointed=True) is False
-    assert resolve_shared_trace(first.replace(shared_trace=True)) is True
+    default = dx.Execution()
+    assert default.resolve(fd).shared_trace is True
+    assert default.resolve(exact).shared_trace is False
+    assert default.resolve(first).shared_trace is False
+    assert dx.Execution(shared_trace=False).resolve(fd).shared_trace is False
+    assert dx.Execution(shared_trace=True).resolve(first).shared_trace is True
+    with pytest.raises(ValueError, match="needs estimator 'finite_difference'"):
+        dx.Execution(shared_trace=True).resolve(exact)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # not measured there: separate traces
-    assert resolve_shared_trace(fd) is False
-    assert resolve_shared_trace(fd, checkpointed=True) is True
+    assert default.resolve(fd).shared_trace is False
 
 
 def test_donated_state_is_not_reused():
@@ -184,19 +201,19 @@ def test_donated_state_is_not_reused():
 
 
 def test_shared_trace_search_is_the_same_search(monkeypatch):
-    # The config option reaches the step (the gated step is what gets traced) and gives the same
+    # The execution option reaches the step (the gated step is what gets traced) and gives the same
     # search up to rounding.
-    from darts_eqx import _search
+    from darts_eqx import _shared_trace
 
     traced = []
-    gated = _search._gated_first_order_step
-    monkeypatch.setattr(_search, "_gated_first_order_step", lambda *a: traced.append(1) or gated(*a))
+    gated = _shared_trace.first_order_step
+    monkeypatch.setattr(_shared_trace, "first_order_step", lambda *a: traced.append(1) or gated(*a))
     data = dx.data.from_arrays(*tiny_arrays())
     options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
     plain = dx.search(jax.random.key(3), data, **options)
     assert not traced
-    shared = dx.search(jax.random.key(3), data, shared_trace=True, **options)
-    assert traced and shared.config.shared_trace
+    shared = dx.search(jax.random.key(3), data, execution=dx.Execution(shared_trace=True), **options)
+    assert traced and shared.execution.shared_trace
     np.testing.assert_allclose(shared.supernet.alpha.logits, plain.supernet.alpha.logits, rtol=1e-4, atol=1e-6)
     assert len(shared.history) == len(plain.history) == 2
     for a, b in zip(shared.history, plain.history):
@@ -207,7 +224,7 @@ def test_shared_trace_step_equals_the_two_trace_step(getkey):
     # shared_trace: one traced gradient of (weights, alpha) for both phases with the kernel
     # gradients gated off in the alpha phase: same step as two separately traced gradients
     # (with an alpha regulariser, whose gradient joins alpha's).
-    from darts_eqx._search import search_step
+    from darts_eqx import search_step
 
     config = SearchConfig(space="seed", channels=4, layers=1, batch_size=8)
     model = build_supernet(config, (8, 8, 3), 10, key=getkey())
@@ -242,9 +259,9 @@ def test_first_order_step_is_the_papers_alternation_with_one_traced_gradient(get
     # through the view (DARTS-'s auxiliary skip) plus the regulariser's, alpha's Adam step, then
     # the weights' gradient on the training batch at the new alpha, and their SGD step. Its two
     # gradients come from one jitted function, traced once and called twice.
-    from darts_eqx._guards import aux_skip_view
+    from darts_eqx import search_step
     from darts_eqx._loss import supernet_loss
-    from darts_eqx._search import search_step
+    from darts_eqx._methods import aux_skip_view
 
     config = SearchConfig(space="seed", channels=4, layers=1, batch_size=8)
     model = build_supernet(config, (8, 8, 3), 10, key=getkey())

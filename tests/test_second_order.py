@@ -11,9 +11,11 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
+from darts_eqx import SearchConfig
 from darts_eqx._loss import supernet_loss
-from darts_eqx._search import SearchConfig, build_supernet, weight_optimizer
+from darts_eqx._optim import weight_optimizer
 from darts_eqx._second_order import momentum_buffer, virtual_step
+from darts_eqx._supernet import build_supernet
 
 XI, MOMENTUM, DECAY = 0.2, 0.9, 3e-4
 
@@ -107,11 +109,11 @@ def test_virtual_step_is_the_weight_optimisers_own_step():
 
 
 def test_exact_estimator_second_pass_keeps_fewer_residuals_than_a_single_checkpoint(monkeypatch):
-    # Reverse over reverse through the fused DARTS cell's scans: `_remat` checkpoints the
+    # Reverse over reverse through the fused DARTS cell's scans: `remat` checkpoints the
     # checkpointed source and edge functions, so that the exact step's own backward pass recomputes
     # each source's backward pass instead of stacking its intermediates. Traced only (eval_shape):
     # the residuals that jax.vjp of the unrolled objective keeps, against one plain checkpoint.
-    from darts_eqx import _fused
+    from darts_eqx import _source_ops
 
     config = SearchConfig(space="darts", channels=4, layers=1)
     model = build_supernet(config, (8, 8, 1), 3, key=jax.random.key(0))
@@ -128,14 +130,15 @@ def test_exact_estimator_second_pass_keeps_fewer_residuals_than_a_single_checkpo
         return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(residuals))
 
     nested = residual_bytes()
-    monkeypatch.setattr(_fused, "_remat", lambda fn: jax.checkpoint(fn, policy=_fused._REMAT))
+    monkeypatch.setattr(_source_ops, "remat", lambda fn: jax.checkpoint(fn, policy=_source_ops.REMAT))
     single = residual_bytes()
     assert nested < 0.75 * single, (nested, single)
 
 
 def test_second_order_search_runs_in_one_compiled_chunk():
     data = dx.data.from_arrays(*tiny_arrays())
-    options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, steps_per_chunk=1, progress=False)
+    options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
+    options["execution"] = dx.Execution(steps_per_chunk=1)
     first = dx.search(jax.random.key(5), data, **options)
     second = dx.search(jax.random.key(5), data, order=2, **options)  # 3 chunks x 2 epochs, one trace
     assert all(np.isfinite(h["val_loss"]) and np.isfinite(h["a_grad_norm"]) for h in second.history)
@@ -147,7 +150,9 @@ def test_shared_trace_second_order_step_equals_the_separately_traced_step():
     # at w', the two at w+- (kernel gradients gated off) and the weight step, as a five-phase scan.
     # From a state with a momentum buffer, with an alpha regulariser and a view of alpha for the
     # weight step: the same step as four traces.
-    from darts_eqx._search import SearchState, arch_optimizer, search_step, second_order_gradient
+    from darts_eqx import SearchState, search_step
+    from darts_eqx._optim import arch_optimizer
+    from darts_eqx._step import second_order_gradient
 
     # xi = 1 so that the Hessian term is large against the tolerances (an error in it shows)
     config = SearchConfig(

@@ -48,7 +48,7 @@ def test_bad_preset_names_the_value(monkeypatch):
 def test_search_and_training_chunks_are_compiled_with_the_options(monkeypatch):
     # A value XLA rejects must reach the compile of each chunk, so the options are passed.
     bogus = {"xla_cpu_opt_preset": "CPU_OPT_PRESET_NO_SUCH"}
-    monkeypatch.setattr(_xla, "loop_compiler_options", lambda: bogus)
+    monkeypatch.setattr(_xla, "loop_compiler_options", lambda preset=None: bogus)
     data = dx.data.from_arrays(*tiny_arrays(n=32))
     with pytest.raises(Exception, match="CPU_OPT_PRESET_NO_SUCH"):
         dx.search(jax.random.key(0), data, space="seed", channels=4, layers=1, epochs=1, batch_size=16, progress=False)
@@ -130,3 +130,21 @@ def test_a_loop_program_traced_twice_is_an_error():
     assert float(program(jnp.ones(2), jnp.ones(2))[0]) == pytest.approx(2 * float(jnp.sin(1.0)) + 1)
     with pytest.raises(Exception, match="traced"):
         program(jnp.ones(3), jnp.ones(3))
+
+
+def test_an_executions_choices_reach_the_compile_and_the_trace(monkeypatch):
+    # The preset comes from the execution before the environment; the formulations hold while a
+    # chunk is traced inside `Execution.tracing` and not after it.
+    from darts_eqx._conv import conv_impl, uses_depthwise_kernel
+
+    monkeypatch.setenv("DARTS_EQX_XLA_PRESET", "fast_compile")
+    assert _xla.loop_compiler_options("default") is None
+    with pytest.raises(ValueError, match=r"`xla_preset` \(='turbo'\) must be one of"):
+        dx.Execution(xla_preset="turbo")
+    x = jnp.ones((1, 4, 4, 2))
+    before = uses_depthwise_kernel(x), conv_impl()
+    with dx.Execution(depthwise="composed", conv="native").tracing():
+        assert not uses_depthwise_kernel(x) and conv_impl() == "native"
+        with dx.Execution().tracing():  # None keeps the enclosing choice
+            assert conv_impl() == "native"
+    assert (uses_depthwise_kernel(x), conv_impl()) == before

@@ -1,0 +1,253 @@
+"""The `darts-eqx` commands (`search`, `train`, `show`), given parsed arguments (`_cli`)."""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from ._cli import EXECUTION_OPTIONS, SEARCH_OPTIONS
+
+# Small defaults for the embedded digits, so that a bare `darts-eqx search` finishes in minutes on
+# two CPU cores; any other data set starts from the paper's defaults (`SearchConfig`).
+DIGITS_DEFAULTS = {"channels": 8, "layers": 3, "epochs": 8, "batch_size": 64}
+# Small defaults for the embedded digits (8x8), so that a bare `darts-eqx train` takes minutes.
+TRAIN_DIGITS_DEFAULTS = {"channels": 8, "layers": 5, "epochs": 20, "batch_size": 64, "auxiliary": False}
+_CONFIG_OPTIONS = tuple(flag[2:].replace("-", "_") for flag, _, _ in SEARCH_OPTIONS) + ("hessian",)
+
+
+def _new_run_dir() -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = os.path.join("runs", stamp), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join("runs", f"{stamp}-{n}")
+    return path
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); give the options explicitly") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a {type(saved).__name__}, not the run's {what}")
+    return saved
+
+
+def _run_settings(args) -> tuple[str, int, int, dict, dict]:
+    """`(dataset, seed, checkpoint_every, config options, execution options)` from the command
+    line; with `--resume`, options not given come from the run folder's `config.json` and
+    `execution.json`."""
+    from ._resume import DEFAULT_CHECKPOINT_EVERY
+
+    saved, ran = {}, {}
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out DIR, the run folder to continue")
+        saved = _read_json(os.path.join(args.out, "config.json"), "options")
+        ran = _read_json(os.path.join(args.out, "execution.json"), "execution")
+    dataset, seed, every = saved.pop("dataset", None), saved.pop("seed", None), saved.pop("checkpoint_every", None)
+    dataset = args.dataset or dataset or "digits"
+    seed = args.seed if args.seed is not None else 0 if seed is None else seed
+    every = args.checkpoint_every if args.checkpoint_every is not None else every or DEFAULT_CHECKPOINT_EVERY
+    execution = {k: v for k, v in ran.items() if k in EXECUTION_OPTIONS}
+    execution.update({k: getattr(args, k) for k in EXECUTION_OPTIONS if getattr(args, k, None) is not None})
+    return dataset, seed, every, saved, execution
+
+
+def _join_cluster(args) -> None:
+    from . import _parallel
+
+    cluster = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in cluster):
+        if any(v is None for v in cluster):
+            raise ValueError("--coordinator, --num-processes and --process-id go together")
+        _parallel.initialize(*cluster)
+    elif args.distributed:
+        _parallel.initialize()
+
+
+def _search_config(args, data, options: dict):
+    from ._config import SearchConfig
+
+    if not options:
+        options = dict(DIGITS_DEFAULTS) if data.name == "digits" else {}
+    for name in _CONFIG_OPTIONS:
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if options.get("space") == "nb201" and "layers" not in options:
+        options["layers"] = 5  # the benchmark's cells per stage
+    config = SearchConfig().replace(**options)
+    if args.nb201_table is not None:
+        if config.space != "nb201":
+            raise ValueError(f"--nb201-table scores NAS-Bench-201 cells: it needs --space nb201, not {config.space!r}")
+        if not os.path.isfile(args.nb201_table):
+            raise ValueError(f"NAS-Bench-201 table {args.nb201_table!r} does not exist")
+    return config
+
+
+def search(args) -> None:
+    import jax
+
+    from . import _parallel
+    from ._checkpoint import atomic_write_text, list_checkpoints
+    from ._data import load
+    from ._execution import Execution, use_compile_cache
+    from ._search import search
+
+    use_compile_cache(args.compile_cache)
+    _join_cluster(args)
+    main_process = _parallel.is_main_process()  # the one that writes the run folder and prints
+    if jax.process_count() > 1 and not args.out:
+        raise ValueError("a search over several processes needs --out DIR, one run folder (shared for --resume)")
+    dataset, seed, checkpoint_every, options, ran = _run_settings(args)
+    data = load(dataset)
+    config = _search_config(args, data, options)
+    execution = Execution(**ran, devices=args.devices).resolve(config)
+    out = args.out or _new_run_dir()
+    checkpoints = os.path.join(out, "checkpoints")
+    if not args.resume and list_checkpoints(checkpoints):
+        raise ValueError(f"{out} holds checkpoints of a search: continue it with --resume, or choose another --out")
+    if main_process:
+        os.makedirs(out, exist_ok=True)
+        print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
+    settings = {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)}
+    ran = {k: getattr(execution, k) for k in EXECUTION_OPTIONS}
+
+    def save_settings():
+        atomic_write_text(os.path.join(out, "config.json"), json.dumps(settings, indent=2))
+        atomic_write_text(os.path.join(out, "execution.json"), json.dumps(ran, indent=2))
+
+    if not args.resume and main_process:
+        save_settings()
+
+    def save_history(history, supernet):
+        if main_process:  # on resume, the settings change only once the checkpoint has been accepted
+            save_settings()
+            atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
+
+    start = time.perf_counter()
+    result = search(
+        jax.random.key(seed),
+        data,
+        config,
+        execution=execution,
+        callback=save_history,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=checkpoint_every,
+        resume=args.resume,
+        allow_changes=args.allow_change,
+        progress=None if main_process else False,
+    )
+    if main_process:
+        save_history(result.history, result.supernet)
+        _write_search_results(result, out, time.perf_counter() - start, args.nb201_table)
+
+
+def _write_search_results(result, out: str, seconds: float, nb201_table) -> None:
+    from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
+    from ._plot import plot_alphas, plot_cell
+    from ._spaces import get_space
+
+    config = result.config
+    atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(result.genotype.to_json(), indent=2))
+    atomic_write_bytes(os.path.join(out, "supernet.eqx"), serialised(result.supernet))
+    last = result.history[-1]
+    print(
+        f"done in {seconds:.0f} s: train acc {last['train_acc']:.3f}, "
+        f"val acc {last['val_acc']:.3f}; wrote {out}/genotype.json, history.json",
+        file=sys.stderr,
+    )
+    if result.genotype.space == "darts":
+        for which in ("normal", "reduce"):
+            plot_cell(result.genotype, which, os.path.join(out, f"{which}.png"))
+    plot_alphas(result.history, os.path.join(out, "alphas.png"), get_space(config.space).op_names)
+    print(result.genotype)
+    if result.stopped_at is not None:
+        print(
+            f"DARTS-ES stopped the search after epoch {result.stopped_at}; genotype from epoch "
+            f"{result.stopped_at - config.early_stop_window}",
+            file=sys.stderr,
+        )
+    if nb201_table is not None:
+        from .nb201 import lookup
+
+        scores = lookup(result.genotype, nb201_table)
+        atomic_write_text(os.path.join(out, "nb201.json"), json.dumps({"arch": str(result.genotype), **scores}))
+        print("NAS-Bench-201: " + ", ".join(f"{k} {v:.2f}%" for k, v in scores.items()))
+
+
+def read_genotype(source: str):
+    """A genotype from a JSON file (`genotype.json`), a text file holding `Genotype(...)`, or a
+    published genotype's name."""
+    from ._genotype import Genotype
+    from ._zoo import named_genotype
+
+    if os.path.isfile(source):
+        with open(source) as f:
+            text = f.read()
+        try:
+            return Genotype.from_json(text) if text.lstrip().startswith("{") else Genotype.parse(text.strip())
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    if os.sep in source or source.endswith((".json", ".txt")):
+        raise ValueError(f"genotype file {source!r} does not exist")
+    return named_genotype(source)
+
+
+def train(args) -> None:
+    import jax
+
+    from ._checkpoint import atomic_write_text
+    from ._data import load
+    from ._execution import Execution, use_compile_cache
+    from ._train import TrainConfig, save_trained, train
+
+    use_compile_cache(args.compile_cache)
+    genotype = read_genotype(args.genotype)
+    data = load(args.dataset)
+    options = dict(TRAIN_DIGITS_DEFAULTS) if data.name == "digits" else {}
+    for name in ("epochs", "channels", "layers", "batch_size", "auxiliary", "cutout"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    config = TrainConfig().replace(**options)
+    execution = Execution(**{k: getattr(args, k) for k in EXECUTION_OPTIONS if getattr(args, k, None) is not None})
+    out = args.out or _new_run_dir()
+    os.makedirs(out, exist_ok=True)
+    print(f"darts-eqx train: {genotype}\n  {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
+    atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(genotype.to_json(), indent=2))
+    atomic_write_text(
+        os.path.join(out, "train_config.json"),
+        json.dumps({"dataset": args.dataset, "seed": args.seed, **dataclasses.asdict(config)}, indent=2),
+    )
+
+    def save_history(history, model, state):
+        atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
+
+    start = time.perf_counter()
+    result = train(jax.random.key(args.seed), genotype, data, config, execution=execution, callback=save_history)
+    save_trained(out, result, data.num_classes, data.image_shape[2])
+    last = result.history[-1]
+    print(
+        f"done in {time.perf_counter() - start:.0f} s: {result.parameters:,} parameters, train acc "
+        f"{last['train_acc']:.3f}, test acc {last['test_acc']:.3f}; wrote {out}/history.json, model.eqx",
+        file=sys.stderr,
+    )
+
+
+def show(args) -> None:
+    from ._plot import plot_cell
+
+    genotype = read_genotype(args.genotype)
+    print(genotype)
+    if genotype.space != "darts":
+        return
+    os.makedirs(args.out, exist_ok=True)
+    for which in ("normal", "reduce"):
+        path = os.path.join(args.out, f"{which}.png")
+        engine = plot_cell(genotype, which, path)
+        print(f"wrote {path} ({engine})", file=sys.stderr)

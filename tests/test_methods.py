@@ -1,0 +1,81 @@
+"""Methods as plug-ins: each part's defining maths on a hand-computed case, composition, and a
+user's own method plugged into `search`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_arrays
+
+import darts_eqx as dx
+from darts_eqx import methods
+from darts_eqx._methods import parts
+
+CONFIG = dx.SearchConfig(space="seed", epochs=3)
+CONTEXT = methods.MethodContext(CONFIG, dx.SEED_SPACE.op_names, steps_per_epoch=10)
+
+
+def tempered(temperature: float):
+    """A user's relaxation: softmax(alpha / T) under whatever comes after it."""
+
+    def tempered(context):
+        return methods.Method(relax=lambda logits, step, inner: inner(logits / temperature, step))
+
+    return tempered
+
+
+def test_relaxations_stack_and_loss_terms_add():
+    logits = jnp.array([[0.0, 1.0, 2.0, 0.5, -1.0]])
+    plugin = methods.chain(tempered(2.0), methods.auxiliary_skip(1.0), methods.beta_regularisation(4.0))
+    estimator, arch_loss, view, select = parts(plugin, CONTEXT)
+    assert estimator is None and select is None
+    arch = {"alpha": dx.ArchLogits(logits)}
+    skip = dx.SEED_SPACE.op_names.index("skip_connect")
+    for step, beta in ((0, 1.0), (15, 0.5), (25, 0.0)):
+        expected = np.exp(np.asarray(logits) / 2.0)
+        expected /= expected.sum()
+        expected[0, skip] += beta  # the auxiliary skip on top of the tempered softmax
+        seen = view(arch, jnp.int32(step))["alpha"].weights()
+        np.testing.assert_allclose(seen, expected, rtol=1e-6)
+    # beta-DARTS: 4 * epoch / (epochs - 1) * mean logsumexp; at step 25 (epoch 2 of 3): 4 * lse
+    lse = np.log(np.exp(np.asarray(logits)).sum())
+    np.testing.assert_allclose(arch_loss(arch, jnp.int32(25)), 4.0 * lse, rtol=1e-6)
+    doubled = parts(methods.chain(methods.beta_regularisation(4.0), methods.beta_regularisation(1.0)), CONTEXT)[1]
+    np.testing.assert_allclose(doubled(arch, jnp.int32(25)), 5.0 * lse, rtol=1e-6)
+
+
+def test_a_method_has_one_estimator_and_one_selection():
+    two = methods.chain(methods.unrolled(), methods.unrolled())
+    with pytest.raises(ValueError, match=r"plug-ins \['.*unrolled', '.*unrolled'\] each set the estimator"):
+        parts(two, CONTEXT.__class__(CONFIG.replace(order=2), CONTEXT.op_names, 10))
+    with pytest.raises(ValueError, match="returned dict, not a darts_eqx.Method"):
+        parts(methods.chain(lambda context: {}), CONTEXT)
+
+
+def test_the_config_names_its_plugins():
+    estimator, arch_loss, view, _ = parts(methods.from_config(CONFIG), CONTEXT)
+    assert estimator is None and arch_loss is None and view is None  # plain first-order DARTS
+    config = CONFIG.replace(order=2, beta_reg=2.0)
+    estimator, arch_loss, view, _ = parts(methods.from_config(config), CONTEXT._replace(config=config))
+    assert estimator is not None and arch_loss is not None and view is None
+
+
+def test_a_users_method_runs_in_search_and_selects_the_genotype():
+    # A relaxation, a loss term and a selection of the user's own, chained: the loss term pushes
+    # alpha's second column down (Adam moves it by about a_lr per step), the selection decides.
+    data = dx.data.from_arrays(*tiny_arrays(n=64))
+    options = dict(space="seed", channels=4, layers=1, epochs=1, batch_size=16, progress=False)
+    chosen = dx.Genotype((("conv_5x5", 0),), (1,), (), (), space="seed")
+
+    def push_down(context):
+        def arch_loss(arch, step):
+            return 100.0 * sum(jnp.sum(a.logits[:, 1]) for a in jax.tree.leaves(arch, is_leaf=dx.is_arch))
+
+        return methods.Method(arch_loss=arch_loss, select=lambda supernet: chosen)
+
+    plain = dx.search(jax.random.key(0), data, **options)
+    mine = dx.search(jax.random.key(0), data, method=methods.chain(tempered(0.5), push_down), **options)
+    assert mine.genotype == chosen and mine.network.genotype == chosen
+    steps = len(plain.history) * 2  # 64 images, half for alpha, batch 16: 2 steps
+    moved = np.asarray(plain.supernet.alpha.logits - mine.supernet.alpha.logits)[0, 1]
+    assert moved > 0.5 * steps * plain.config.a_lr
