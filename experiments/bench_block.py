@@ -1,6 +1,7 @@
-"""The performance block of issue #5, one process at a time, as a markdown table (and JSON lines).
+"""The performance block against eager PyTorch, one process at a time, as a markdown table (and JSON
+lines). Its current figures are in experiments/RESULTS.md.
 
-    python experiments/bench_block.py --json runs/bench_block.jsonl
+    python experiments/bench_block.py --torch-python torchref/bin/python --json runs/bench_block.jsonl
 
 In this order: eager PyTorch first order, darts_eqx first order (two traces, then the shared
 trace), eager PyTorch second order, darts_eqx second order with finite differences (four traces,
@@ -9,20 +10,25 @@ finite differences, so its ratio is to that), eager PyTorch first order again (t
 drift over the block), all at C=8, layers=5, batch 32, 32x32; then the compile of one chunk (no
 run) at C=16, layers=8, batch 64: first order, second order with four traces, with the shared
 trace, and with the exact estimator. Ratios are to the PyTorch runs of the same order in the same
-block. The PyTorch rows need the reference's own virtualenv (`--torch-python`, `pip install
-torch==2.13.0 numpy`) and `--torch-script`; without them the block runs darts_eqx only. Absolute
-figures on a shared or busy machine are noise: run it on an idle one and compare within one
-block.
+block. The PyTorch rows run the reference script (`--torch-ref`, by default
+`../shared/bench/torch_ref_darts.py` beside the repository) with a Python that has PyTorch
+(`--torch-python`, by default `$DARTS_EQX_TORCH_PYTHON`), e.g. a virtualenv made with
+`python3 -m venv torchref && torchref/bin/pip install torch==2.13.0`; `--no-torch` runs the
+darts_eqx rows only. Absolute figures on a shared or busy machine are noise: run it on an idle one
+and compare within one block.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TORCH_PYTHON_ENV = "DARTS_EQX_TORCH_PYTHON"
+TORCH_SETUP = "python3 -m venv torchref && torchref/bin/pip install torch==2.13.0"
 SMALL = ["--C", "8", "--layers", "5", "--batch", "32", "--image", "32", "--steps", "8"]
 LARGE = ["--C", "16", "--layers", "8", "--batch", "64", "--image", "32", "--steps", "4", "--compile-only"]
 FD = ["--order", "2", "--estimator", "finite_difference"]
@@ -92,20 +98,47 @@ def table(results: list[tuple[str, dict]]) -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--torch-python", default=os.path.expanduser("~/torchref/bin/python"))
-    parser.add_argument("--torch-script", default=str(HERE.parent.parent / "shared/bench/torch_ref_darts.py"))
+    parser.add_argument(
+        "--torch-python",
+        default=os.environ.get(TORCH_PYTHON_ENV) or None,
+        metavar="PATH",
+        help=f"the Python interpreter that has torch, for the PyTorch rows (default: ${TORCH_PYTHON_ENV})",
+    )
+    parser.add_argument(
+        "--torch-ref",
+        "--torch-script",
+        dest="torch_ref",
+        default=str(HERE.parent.parent / "shared/bench/torch_ref_darts.py"),
+        metavar="PATH",
+        help="the eager PyTorch reference script (default: ../shared/bench/torch_ref_darts.py beside the repository)",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="run the darts_eqx rows only, without PyTorch")
     parser.add_argument("--json", help="also append each run's JSON line (with its label) to this file")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     a = parser.parse_args()
-    has_torch = os.path.exists(a.torch_python) and os.path.exists(a.torch_script)
-    if not has_torch:
-        print(f"no PyTorch reference ({a.torch_python}, {a.torch_script}): darts_eqx rows only", file=sys.stderr)
+    has_torch = not a.no_torch
+    if has_torch:
+        if a.torch_python is None:
+            parser.error(
+                f"the PyTorch rows need a Python interpreter that has torch: pass --torch-python PATH or set "
+                f"${TORCH_PYTHON_ENV}, e.g. after `{TORCH_SETUP}` use --torch-python torchref/bin/python "
+                "(or --no-torch for the darts_eqx rows only)"
+            )
+        # Absolute, since the runs' working directory is the repository root.
+        python = shutil.which(a.torch_python)
+        if python is None:
+            parser.error(f"--torch-python {a.torch_python}: no such interpreter (set-up: `{TORCH_SETUP}`)")
+        if not os.path.exists(a.torch_ref):
+            parser.error(f"--torch-ref {a.torch_ref}: no such file (the eager PyTorch reference script)")
+        a.torch_python, a.torch_ref = os.path.abspath(python), os.path.abspath(a.torch_ref)
+    else:
+        print("no PyTorch reference (--no-torch): darts_eqx rows only", file=sys.stderr)
     results = []
     for label, runner, args in BLOCK:
         if runner == "torch" and not has_torch:
             continue
         command = (
-            [a.torch_python, a.torch_script, *args]
+            [a.torch_python, a.torch_ref, *args]
             if runner == "torch"
             else [sys.executable, str(HERE / "bench_search.py"), *args]
         )
