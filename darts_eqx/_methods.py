@@ -59,10 +59,7 @@ def chain(*plugins: Plugin) -> Plugin:
     the selection (two are an error naming them)."""
 
     def build(context: MethodContext) -> Method:
-        methods = [(_name(p), p(context)) for p in plugins]
-        for name, method in methods:
-            if not isinstance(method, Method):
-                raise ValueError(f"method plug-in {name} returned {type(method).__name__}, not a darts_eqx.Method")
+        methods = [(_name(p), _built(p, context)) for p in plugins]
         relaxations = [m.relax for _, m in methods if m.relax is not None]
         losses = [m.arch_loss for _, m in methods if m.arch_loss is not None]
         return Method(
@@ -74,6 +71,14 @@ def chain(*plugins: Plugin) -> Plugin:
 
     build.__qualname__ = "chain(" + ", ".join(_name(p) for p in plugins) + ")"
     return build
+
+
+def _built(plugin: Plugin, context: MethodContext) -> Method:
+    """`plugin(context)`, checked to be a `Method`."""
+    method = plugin(context)
+    if not isinstance(method, Method):
+        raise ValueError(f"method plug-in {_name(plugin)} returned {type(method).__name__}, not a darts_eqx.Method")
+    return method
 
 
 def _name(plugin) -> str:
@@ -205,9 +210,7 @@ def from_config(config) -> Plugin:
 def parts(plugin: Plugin, context: MethodContext):
     """`(arch_grad, arch_reg, arch_view, select)` of the method `plugin` builds: what `search_step`
     and the search's end take."""
-    method = plugin(context)
-    if not isinstance(method, Method):
-        raise ValueError(f"method plug-in {_name(plugin)} returned {type(method).__name__}, not a darts_eqx.Method")
+    method = _built(plugin, context)
     view = None if method.relax is None else relaxation_view(_on_softmax(method.relax))
     return method.estimator, method.arch_loss, view, method.select
 
