@@ -7,11 +7,17 @@ the scan-fused search like any XLA op. It is compiled once per machine and jaxli
 system's C++ compiler (`$CXX`, else `c++`, `g++` or `clang++`) against the FFI headers jaxlib ships
 (a few seconds), and cached under `$XDG_CACHE_HOME` or `~/.cache`, `/darts_eqx/native` (or a
 per-user folder in the temporary directory when that cannot be written). It needs a jax with
-`jax.ffi` and FFI thread pools (0.10 has them); an older one falls back as below.
+`jax.ffi` and FFI thread pools (every version darts_eqx supports has them).
+
+The build is portable: it targets the compiler's default instruction set, not the building CPU's,
+so a library cached in a home directory shared between machines runs on all of them, and the
+kernel's rounding is the same on every CPU of an architecture (no fused multiply-adds that only
+some CPUs have). `DARTS_EQX_CXXFLAGS` adds compiler flags, e.g. `-march=native` for the building
+CPU's vector instructions; a build with added flags is cached per CPU model and instruction set.
 
 `DARTS_EQX_DEPTHWISE` picks the formulation on CPU: `auto` (the default: the kernel when it
-builds, else the composed dense convolution, with one logged warning), `kernel` (the kernel or a
-clear error) or `composed` (XLA only). Accelerators use XLA's own convolutions.
+builds, else the composed dense convolution, after a one-line logged warning), `kernel` (the
+kernel or a clear error) or `composed` (XLA only). Accelerators use XLA's own convolutions.
 """
 
 import ctypes
@@ -30,7 +36,7 @@ import jax
 
 _MODES = ("auto", "kernel", "composed")
 _SOURCE = os.path.join(os.path.dirname(__file__), "_native", "depthwise.cc")
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w")
 TARGETS = {
     "forward": ("darts_eqx_depthwise_forward", "DartsEqxDepthwiseForward"),
     "input_gradient": ("darts_eqx_depthwise_input_gradient", "DartsEqxDepthwiseInputGradient"),
@@ -62,9 +68,15 @@ def _compiler() -> list[str] | None:
     return None
 
 
+def extra_flags() -> list[str]:
+    """`DARTS_EQX_CXXFLAGS`, split as a shell would (e.g. `-march=native`); added after the
+    portable flags."""
+    return shlex.split(os.environ.get("DARTS_EQX_CXXFLAGS") or "")
+
+
 def _cpu_identity() -> str:
-    # `-march=native` code runs only on CPUs with the builder's instruction sets: a home directory
-    # shared across machines must not hand one machine's build to another.
+    # Code built with added flags such as `-march=native` may run only on CPUs with the builder's
+    # instruction sets: a home directory shared across machines must not hand it to another.
     try:
         with open("/proc/cpuinfo") as f:
             lines = [line for line in f if line.startswith(("flags", "model name", "Features", "CPU part"))]
@@ -73,9 +85,9 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _library_name(compiler: list[str]) -> str:
-    """The file name of the kernel built by `compiler` for this source, jaxlib, compiler version
-    and CPU."""
+def _library_name(compiler: list[str], flags: list[str]) -> str:
+    """The file name of the kernel built by `compiler` with `flags` for this source, jaxlib,
+    compiler version and architecture (and CPU, when flags were added)."""
     import jaxlib
 
     try:
@@ -90,9 +102,9 @@ def _library_name(compiler: list[str]) -> str:
         jaxlib.__version__,  # pyright: ignore[reportPrivateImportUsage]
         " ".join(compiler),
         version,
-        " ".join(_FLAGS),
+        " ".join(flags),
         platform.machine(),
-        _cpu_identity(),
+        _cpu_identity() if flags != list(_FLAGS) else "",
     )
     for part in parts:
         digest.update(part.encode())
@@ -107,17 +119,19 @@ def cache_dirs() -> list[str]:
     return [os.path.join(base, "darts_eqx", "native"), os.path.join(tempfile.gettempdir(), f"darts_eqx-native-{user}")]
 
 
-def _build(compiler: list[str], path: str) -> None:
+def _build(compiler: list[str], path: str, flags: list[str]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Built beside its final name and renamed into place: processes building at once (test
     # workers, data-parallel hosts) each get a complete library.
     fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=os.path.dirname(path))
     os.close(fd)
-    command = [*compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", partial]
+    command = [*compiler, *flags, "-I", jax.ffi.include_dir(), _SOURCE, "-o", partial]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+            # The compiler and its error, not the whole command line: the warning is one line.
+            error = f":\n{done.stderr[-2000:]}" if done.stderr.strip() else ""
+            raise RuntimeError(f"the compiler `{' '.join(compiler)}` failed (exit {done.returncode}){error}")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -134,7 +148,8 @@ def _build_and_register() -> str:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError(f"no C++ compiler found ($CXX={os.environ.get('CXX')!r}, c++, g++, clang++)")
-    name, errors = _library_name(compiler), []
+    flags = [*_FLAGS, *extra_flags()]
+    name, errors = _library_name(compiler, flags), []
     for directory in cache_dirs():
         path = os.path.join(directory, name)
         try:
@@ -144,7 +159,7 @@ def _build_and_register() -> str:
                     return path
                 except OSError:  # a damaged or foreign file under our name: build it again
                     os.remove(path)
-            _build(compiler, path)
+            _build(compiler, path, flags)
             _register(path)
             return path
         except OSError as error:  # this folder cannot be written: try the next one
@@ -163,6 +178,12 @@ def _load() -> tuple[str | None, str | None]:
 
 
 _warned = []
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    """`text` (a compiler's error output, say) on one line, its end kept when it is long."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def require_depthwise_kernel() -> str:
@@ -193,7 +214,7 @@ def use_depthwise_kernel(mode: str | None = None) -> bool:
                 "darts_eqx: the C++ depthwise kernel could not be built (%s); using XLA's dense convolution with "
                 "composed kernels instead, about half as fast on CPU. Set DARTS_EQX_DEPTHWISE=composed to skip "
                 "the attempt.",
-                error,
+                _one_line(str(error)),
             )
         return False
     return True
