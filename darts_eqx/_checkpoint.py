@@ -171,7 +171,9 @@ def load_arrays(path: str, like):
                 f"{path}: array {name} is {value.dtype}{list(value.shape)}, this search expects "
                 f"{x.dtype}{list(x.shape)}: the checkpoint belongs to another network"
             )
-        return jax.numpy.asarray(value)
+        # A copy: on CPU `asarray` may share the NumPy buffer, and the search donates its state's
+        # buffers to each chunk (with jax 0.5 a resumed search then read freed memory now and then).
+        return jax.numpy.array(value, copy=True)
 
     try:
         return eqx.tree_deserialise_leaves(os.path.join(path, "arrays.eqx"), like, filter_spec=checked)
