@@ -23,6 +23,13 @@ def pytest_xdist_auto_num_workers(config):
 # Implicit rank promotion hides shape bugs; make it an error in the tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# The tests switch on float64 with `jax.enable_x64(...)`, which JAX added in 0.8; the oldest JAX
+# darts_eqx supports (pyproject.toml) has the same context manager in `jax.experimental`.
+if not hasattr(jax, "enable_x64"):
+    from jax.experimental import enable_x64
+
+    jax.enable_x64 = enable_x64
+
 
 @pytest.fixture
 def getkey():
