@@ -9,3 +9,5 @@ from ._data import (
     from_hf as from_hf,
     load as load,
 )
+
+__all__ = ["ImageData", "digits", "from_arrays", "from_hf", "load"]
