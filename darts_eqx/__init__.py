@@ -10,14 +10,20 @@ import typing
 from ._version import __version__ as __version__
 
 __all__ = [
+    "Architecture",
+    "CellNetwork",
+    "LayerTopology",
+    "Normalisation",
+    "Topology",
+    "darts_network",
+    "darts_supernet",
+    "get_space",
+    "layered_supernet",
     "ArchLogits",
     "CheckpointError",
     "CheckpointWarning",
     "DARTS_SPACE",
     "DiscreteCell",
-    "DiscreteNetwork",
-    "DiscreteSeedNetwork",
-    "EvalNetwork",
     "Execution",
     "GENOTYPES",
     "Genotype",
@@ -30,11 +36,9 @@ __all__ = [
     "SearchCell",
     "SearchConfig",
     "SearchDiverged",
-    "SearchNetwork",
     "SearchResult",
     "SearchSpace",
     "SearchState",
-    "SeedNetwork",
     "TrainConfig",
     "TrainResult",
     "__version__",
@@ -47,7 +51,6 @@ __all__ = [
     "is_arch",
     "jit_build",
     "load_trained",
-    "make_eval_network",
     "methods",
     "momentum_buffer",
     "named_genotype",
@@ -70,14 +73,19 @@ _DEFINED_IN = {
     "CheckpointWarning": "_checkpoint",
     "SearchConfig": "_config",
     "ImageData": "_data",
-    "DiscreteCell": "_discretize",
-    "DiscreteNetwork": "_discretize",
-    "DiscreteSeedNetwork": "_discretize",
-    "derive_genotype": "_discretize",
-    "discretize": "_discretize",
-    "EvalNetwork": "_eval",
-    "count_parameters": "_eval",
-    "make_eval_network": "_eval",
+    "DiscreteCell": "_cell",
+    "derive_genotype": "_supernet",
+    "discretize": "_supernet",
+    "Architecture": "_supernet",
+    "count_parameters": "_skeleton",
+    "CellNetwork": "_skeleton",
+    "darts_supernet": "_darts",
+    "darts_network": "_darts",
+    "layered_supernet": "_layers",
+    "LayerTopology": "_layers",
+    "Normalisation": "_norm",
+    "Topology": "_spaces",
+    "get_space": "_spaces",
     "Execution": "_execution",
     "Genotype": "_genotype",
     "Method": "_methods",
@@ -88,8 +96,6 @@ _DEFINED_IN = {
     "is_arch": "_mixed",
     "split_arch": "_mixed",
     "jit_build": "_ops",
-    "SearchNetwork": "_network",
-    "SeedNetwork": "_network",
     "plot_alphas": "_plot",
     "plot_cell": "_plot",
     "SearchDiverged": "_search",
@@ -97,9 +103,9 @@ _DEFINED_IN = {
     "search": "_search",
     "arch_gradient": "_second_order",
     "momentum_buffer": "_second_order",
-    "DARTS_SPACE": "_spaces",
-    "NB201_SPACE": "_spaces",
-    "SEED_SPACE": "_spaces",
+    "DARTS_SPACE": "_darts",
+    "NB201_SPACE": "nb201",
+    "SEED_SPACE": "_layers",
     "SearchSpace": "_spaces",
     "register_space": "_spaces",
     "SearchState": "_state",
@@ -130,25 +136,32 @@ def __dir__() -> list[str]:
 
 if typing.TYPE_CHECKING:
     from . import data as data, methods as methods, nb201 as nb201
-    from ._cell import SearchCell as SearchCell
-    from ._checkpoint import CheckpointError as CheckpointError, CheckpointWarning as CheckpointWarning
-    from ._config import SearchConfig as SearchConfig
-    from ._data import ImageData as ImageData
-    from ._discretize import (
+    from ._cell import (
         DiscreteCell as DiscreteCell,
-        DiscreteNetwork as DiscreteNetwork,
-        DiscreteSeedNetwork as DiscreteSeedNetwork,
-        derive_genotype as derive_genotype,
-        discretize as discretize,
+        SearchCell as SearchCell,
     )
-    from ._eval import (
-        EvalNetwork as EvalNetwork,
-        count_parameters as count_parameters,
-        make_eval_network as make_eval_network,
+    from ._checkpoint import (
+        CheckpointError as CheckpointError,
+        CheckpointWarning as CheckpointWarning,
     )
+    from ._config import SearchConfig as SearchConfig
+    from ._darts import (
+        DARTS_SPACE as DARTS_SPACE,
+        darts_network as darts_network,
+        darts_supernet as darts_supernet,
+    )
+    from ._data import ImageData as ImageData
     from ._execution import Execution as Execution
     from ._genotype import Genotype as Genotype
-    from ._methods import Method as Method, MethodContext as MethodContext
+    from ._layers import (
+        SEED_SPACE as SEED_SPACE,
+        LayerTopology as LayerTopology,
+        layered_supernet as layered_supernet,
+    )
+    from ._methods import (
+        Method as Method,
+        MethodContext as MethodContext,
+    )
     from ._mixed import (
         ArchLogits as ArchLogits,
         MixedOp as MixedOp,
@@ -156,20 +169,38 @@ if typing.TYPE_CHECKING:
         is_arch as is_arch,
         split_arch as split_arch,
     )
-    from ._network import SearchNetwork as SearchNetwork, SeedNetwork as SeedNetwork
+    from ._norm import Normalisation as Normalisation
     from ._ops import jit_build as jit_build
-    from ._plot import plot_alphas as plot_alphas, plot_cell as plot_cell
-    from ._search import SearchDiverged as SearchDiverged, SearchResult as SearchResult, search as search
-    from ._second_order import arch_gradient as arch_gradient, momentum_buffer as momentum_buffer
+    from ._plot import (
+        plot_alphas as plot_alphas,
+        plot_cell as plot_cell,
+    )
+    from ._search import (
+        SearchDiverged as SearchDiverged,
+        SearchResult as SearchResult,
+        search as search,
+    )
+    from ._second_order import (
+        arch_gradient as arch_gradient,
+        momentum_buffer as momentum_buffer,
+    )
+    from ._skeleton import (
+        CellNetwork as CellNetwork,
+        count_parameters as count_parameters,
+    )
     from ._spaces import (
-        DARTS_SPACE as DARTS_SPACE,
-        NB201_SPACE as NB201_SPACE,
-        SEED_SPACE as SEED_SPACE,
         SearchSpace as SearchSpace,
+        Topology as Topology,
+        get_space as get_space,
         register_space as register_space,
     )
     from ._state import SearchState as SearchState
     from ._step import search_step as search_step
+    from ._supernet import (
+        Architecture as Architecture,
+        derive_genotype as derive_genotype,
+        discretize as discretize,
+    )
     from ._train import (
         TrainConfig as TrainConfig,
         TrainResult as TrainResult,
@@ -177,4 +208,8 @@ if typing.TYPE_CHECKING:
         save_trained as save_trained,
         train as train,
     )
-    from ._zoo import GENOTYPES as GENOTYPES, named_genotype as named_genotype
+    from ._zoo import (
+        GENOTYPES as GENOTYPES,
+        named_genotype as named_genotype,
+    )
+    from .nb201 import NB201_SPACE as NB201_SPACE

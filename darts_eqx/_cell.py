@@ -1,21 +1,26 @@
-"""The DARTS search cell: two preprocessed inputs, `steps` intermediate nodes, each the sum of
-mixed ops over all earlier states, output the channel concatenation of the intermediate nodes."""
+"""The DARTS cell: two preprocessed inputs, `steps` intermediate nodes, output the channel
+concatenation of the last `multiplier` nodes. In the search cell each node sums mixed ops over all
+earlier states; in the discrete cell each node sums two chosen ops. Both are cells of the skeleton
+(`_skeleton.CellNetwork`)."""
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._mixed import MixedOp, partial_channel_edge
-from ._ops import Earlier, FactorizedReduce, Images, Output, ReLUConvBN
+from ._mixed import MixedOp, partial_channel_edge, partial_channel_merge
+from ._norm import SEARCH_NORM, Normalisation
+from ._ops import Earlier, FactorizedReduce, Identity, Images, Output, ReLUConvBN
+from ._skeleton import DropPath
 from ._spaces import SearchSpace
 
 if TYPE_CHECKING:
-    # A module that maps a batch of images to images: an op, or a cell's input preprocessing.
-    OpModule = Callable[[Array], Array]
+    # A module that maps a batch of images to images: an op, or a cell's input preprocessing;
+    # called `op(x, state) -> (y, state)`.
+    OpModule = Callable[..., tuple[Array, Any]]
 else:
     # At run time fields so annotated are checked (by jaxtyping's import hook) as any `eqx.Module`.
     OpModule = eqx.Module
@@ -31,11 +36,11 @@ def num_edges(steps: int) -> int:
     return edge_index(steps, 0)
 
 
-def preprocess(cin: int, cout: int, reduce_input: bool, affine: bool, *, key: PRNGKeyArray):
+def preprocess(cin: int, cout: int, reduce_input: bool, norm: Normalisation, *, key: PRNGKeyArray):
     """Bring a cell input to the cell's width (and resolution, after a reduction)."""
     if reduce_input:
-        return FactorizedReduce(cin, cout, affine, key=key)
-    return ReLUConvBN(cin, cout, 1, 1, 0, affine, key=key)
+        return FactorizedReduce(cin, cout, norm, key=key)
+    return ReLUConvBN(cin, cout, 1, 1, 0, norm, key=key)
 
 
 def check_partial_channels(channels: int, k: int):
@@ -77,8 +82,8 @@ class SearchCell(eqx.Module):
     ):
         check_partial_channels(channels, partial_channels)
         k0, k1, ke = jax.random.split(key, 3)
-        self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
-        self.preprocess1 = preprocess(c_prev, channels, False, False, key=k1)
+        self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, SEARCH_NORM, key=k0)
+        self.preprocess1 = preprocess(c_prev, channels, False, SEARCH_NORM, key=k1)
         keys = iter(jax.random.split(ke, num_edges(steps)))
         self.edges = tuple(
             MixedOp(space, channels // partial_channels, 2 if reduction and source < 2 else 1, key=next(keys))
@@ -97,10 +102,12 @@ class SearchCell(eqx.Module):
         self,
         s0: Earlier,
         s1: Images,
-        weights: Float[Array, "edges ops"],
-        edge_weights: Float[Array, " edges"] | None = None,
-    ) -> Output:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        cell_weights: tuple[Float[Array, "edges ops"], Float[Array, " edges"] | None],
+        state: Any = None,
+        drop: DropPath | None = None,
+    ) -> tuple[Output, Any]:
+        weights, edge_weights = cell_weights
+        states = [self.preprocess0(s0)[0], self.preprocess1(s1)[0]]
         k = self.partial_channels
         for node in range(self.steps):
             terms = []
@@ -110,4 +117,54 @@ class SearchCell(eqx.Module):
                 term = partial_channel_edge(self.edges[e], h, weights[e], k, stride)
                 terms.append(term if edge_weights is None else edge_weights[e] * term)
             states.append(sum(terms[1:], terms[0]))
-        return jnp.concatenate(states[-self.multiplier :], axis=-1)
+        return jnp.concatenate(states[-self.multiplier :], axis=-1), state
+
+
+class PartialChannelOp(eqx.Module):
+    """A discretised PC-DARTS edge: `op` on the first 1/k of the channels, the rest bypassing it,
+    then the channel shuffle (`partial_channel_edge` with one op)."""
+
+    op: OpModule
+    partial_channels: int = eqx.field(static=True)
+    stride: int = eqx.field(static=True)
+
+    def __call__(self, x: Images, state=None):
+        y, state = self.op(x[..., : x.shape[-1] // self.partial_channels], state)
+        return partial_channel_merge(y, x, self.partial_channels, self.stride), state
+
+
+class DiscreteCell(eqx.Module):
+    """A discrete cell: node k is `ops[2k](states[inputs[2k]]) + ops[2k+1](states[inputs[2k+1]])`;
+    the output concatenates `states[i]` for `i` in `concat`. In training, drop-path zeroes
+    whole samples of each edge but identities."""
+
+    preprocess0: OpModule
+    preprocess1: OpModule
+    ops: tuple[OpModule, ...]
+    inputs: tuple[int, ...] = eqx.field(static=True)
+    concat: tuple[int, ...] = eqx.field(static=True)
+    reduction: bool = eqx.field(static=True)
+
+    def __check_init__(self):
+        if len(self.ops) != len(self.inputs) or len(self.ops) % 2:
+            raise ValueError(
+                f"a discrete cell needs two ops per node, got {len(self.ops)} ops, {len(self.inputs)} inputs"
+            )
+        for k, i in enumerate(self.inputs):
+            if not 0 <= i < k // 2 + 2:
+                raise ValueError(f"op {k} of a discrete cell reads state {i}, which node {k // 2} cannot see")
+
+    def __call__(self, s0: Earlier, s1: Images, weights=None, state=None, drop: DropPath | None = None):
+        h0, state = self.preprocess0(s0, state)
+        h1, state = self.preprocess1(s1, state)
+        states = [h0, h1]
+        keys: list[Any] = [None] * len(self.ops) if drop is None else list(jax.random.split(drop.key, len(self.ops)))
+        for node in range(len(self.ops) // 2):
+            total = None
+            for k in (2 * node, 2 * node + 1):
+                h, state = self.ops[k](states[self.inputs[k]], state)
+                if drop is not None and not isinstance(self.ops[k], Identity):
+                    h = drop(h, keys[k])
+                total = h if total is None else total + h
+            states.append(total)
+        return jnp.concatenate([states[i] for i in self.concat], axis=-1), state

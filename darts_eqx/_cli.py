@@ -15,7 +15,8 @@ SEARCH_OPTIONS = (
     (
         "--space",
         None,
-        "search space: darts (default), nb201 (NAS-Bench-201's; --layers: cells per stage, default 5) or seed",
+        "search space: a registered space's name; built in: darts (default), nb201 (NAS-Bench-201's; --layers: "
+        "cells per stage, default 5) and seed",
     ),
     ("--epochs", int, "search epochs"),
     ("--batch-size", int, "images per batch, in each half"),
@@ -46,7 +47,7 @@ SEARCH_OPTIONS = (
     ("--early-stop-factor", float, "DARTS-ES: stop when the Hessian eigenvalue grew by this factor"),
     ("--early-stop-window", int, "DARTS-ES window in epochs (default 5)"),
 )
-_CHOICES = {"--space": ("darts", "seed", "nb201"), "--order": (1, 2), "--estimator": ("exact", "finite_difference")}
+_CHOICES = {"--order": (1, 2), "--estimator": ("exact", "finite_difference")}
 # Fields of `Execution` set from the command line.
 EXECUTION_OPTIONS = ("steps_per_chunk", "shared_trace", "depthwise", "xla_preset")
 

@@ -79,8 +79,12 @@ def _search_config(args, data, options: dict):
     for name in _CONFIG_OPTIONS:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if options.get("space") == "nb201" and "layers" not in options:
-        options["layers"] = 5  # the benchmark's cells per stage
+    if "space" in options and "layers" not in options:
+        from ._spaces import get_space
+
+        default = get_space(options["space"]).topology.default_layers
+        if default is not None:
+            options["layers"] = default
     config = SearchConfig().replace(**options)
     if args.nb201_table is not None:
         if config.space != "nb201":
@@ -162,7 +166,7 @@ def _write_search_results(result, out: str, seconds: float, nb201_table) -> None
         f"val acc {last['val_acc']:.3f}; wrote {out}/genotype.json, history.json",
         file=sys.stderr,
     )
-    if result.genotype.space == "darts":
+    if _has_cell_pictures(result.genotype):
         for which in ("normal", "reduce"):
             plot_cell(result.genotype, which, os.path.join(out, f"{which}.png"))
     plot_alphas(result.history, os.path.join(out, "alphas.png"), get_space(config.space).op_names)
@@ -239,12 +243,18 @@ def train(args) -> None:
     )
 
 
+def _has_cell_pictures(genotype) -> bool:
+    """A DARTS-cell genotype (two ops per node, normal and reduction cells) has cell pictures."""
+    reduce = getattr(genotype, "reduce", ())
+    return bool(reduce) and len(reduce) % 2 == 0
+
+
 def show(args) -> None:
     from ._plot import plot_cell
 
     genotype = read_genotype(args.genotype)
     print(genotype)
-    if genotype.space != "darts":
+    if not _has_cell_pictures(genotype):
         return
     os.makedirs(args.out, exist_ok=True)
     for which in ("normal", "reduce"):

@@ -12,8 +12,9 @@ from ._spaces import get_space
 class SearchConfig:
     """Search options; the defaults are the paper's CIFAR-10 search (Liu et al., 2019, App. A.1).
 
-    - `space`: `darts` (the CIFAR search network), `nb201` (NAS-Bench-201's; `layers` is cells
-      per stage), `seed` (one mixed-op layer type) or a registered space.
+    - `space`: the name of a registered space (`darts_eqx.register_space`); built in: `darts`
+      (the CIFAR search network), `nb201` (NAS-Bench-201's; `layers` is cells per stage) and
+      `seed` (one mixed-op layer type).
     - `channels`, `layers`: initial channels C and number of cells.
     - `epochs`, `batch_size`: an epoch is `min(len(search_train), len(search_val)) // batch_size`
       steps; each step takes one batch from each half.
@@ -37,8 +38,8 @@ class SearchConfig:
       more than that factor over `early_stop_window` epochs, with the genotype of the window's
       first epoch (implies `hessian`).
     - `partial_channels`: k > 1 searches PC-DARTS' partial channel connections with edge
-      normalisation (Xu et al., ICLR 2020; k=4 there) in the DARTS space; it must divide
-      `channels`. Its supernet is not discretised (its weights fit 1/k-wide ops only).
+      normalisation (Xu et al., ICLR 2020; k=4 there) in a space on the DARTS cell; it must
+      divide `channels`. Its discretised network keeps the kept edges' 1/k-wide ops.
     """
 
     space: str = "darts"
@@ -94,8 +95,11 @@ class SearchConfig:
             raise ValueError(f"`partial_channels` (={self.partial_channels!r}) must be a positive integer")
         if self.partial_channels == 1:
             return
-        if self.space != "darts":
-            raise ValueError(f"`partial_channels` (={self.partial_channels}) needs the darts space, not {self.space!r}")
+        if not get_space(self.space).topology.supports_partial_channels:
+            raise ValueError(
+                f"`partial_channels` (={self.partial_channels}) needs a space whose cells take partial channels "
+                f"(the DARTS cell), not {self.space!r}"
+            )
         if self.partial_channels < 1 or self.channels % self.partial_channels:
             raise ValueError(
                 f"`partial_channels` (={self.partial_channels}) must be a positive divisor of "

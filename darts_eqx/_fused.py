@@ -21,7 +21,7 @@ cell with the same weights, and the tests compare the two (the reference traced 
 convolutions).
 """
 
-from collections.abc import Callable
+from typing import Any
 
 import einops
 import equinox as eqx
@@ -32,11 +32,13 @@ from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _source_ops
-from ._cell import SearchCell, check_partial_channels, edge_index, preprocess
+from ._cell import OpModule, SearchCell, check_partial_channels, edge_index, preprocess
+from ._darts import DARTS_SPACE
 from ._mixed import MixedOp, partial_channel_merge
+from ._norm import SEARCH_NORM
 from ._ops import Earlier, Images, Output
+from ._skeleton import DropPath
 from ._source_ops import SourceOps, stacked, unstacked
-from ._spaces import DARTS_SPACE
 from ._surgery import assemble
 
 
@@ -49,8 +51,8 @@ class FusedCell(eqx.Module):
     """A DARTS search cell computed per source state (see the module docstring); same function
     and same weights as `SearchCell`, in a faster layout."""
 
-    preprocess0: Callable[..., Array]
-    preprocess1: Callable[..., Array]
+    preprocess0: OpModule
+    preprocess1: OpModule
     # The ops leaving each source, stored as the two scans over sources read them: the two cell
     # inputs' (4 edges each) stacked, and the intermediate nodes' stacked with their edges padded
     # with zero weights to the widest (None with a single node). Stacking them in every forward pass
@@ -78,8 +80,8 @@ class FusedCell(eqx.Module):
     ):
         check_partial_channels(channels, partial_channels)
         k0, k1, ks = jax.random.split(key, 3)
-        self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, False, key=k0)
-        self.preprocess1 = preprocess(c_prev, channels, False, False, key=k1)
+        self.preprocess0 = preprocess(c_prev_prev, channels, reduction_prev, SEARCH_NORM, key=k0)
+        self.preprocess1 = preprocess(c_prev, channels, False, SEARCH_NORM, key=k1)
         sources = [
             SourceOps(channels // partial_channels, len(destinations(i, steps)), 2 if reduction and i < 2 else 1, key=k)
             for i, k in enumerate(jax.random.split(ks, steps + 1))
@@ -93,13 +95,15 @@ class FusedCell(eqx.Module):
         self,
         s0: Earlier,
         s1: Images,
-        weights: Float[Array, "edges ops"],
-        edge_weights: Float[Array, " edges"] | None = None,
-    ) -> Output:
+        cell_weights: tuple[Float[Array, "edges ops"], Float[Array, " edges"] | None],
+        state: Any = None,
+        drop: DropPath | None = None,
+    ) -> tuple[Output, Any]:
         # Two `lax.scan`s over sources (the cell inputs, then the intermediate nodes), each over
         # sources padded to the same edge count, so XLA compiles each body once: compile time is
         # what bounds DARTS on XLA. Padded edges have zero mixing weights and land in spare rows.
-        h0, h1 = self.preprocess0(s0), self.preprocess1(s1)
+        weights, edge_weights = cell_weights
+        h0, h1 = self.preprocess0(s0)[0], self.preprocess1(s1)[0]
         b, h, w, c = h1.shape
         stride = self.inputs.stride
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
@@ -151,7 +155,7 @@ class FusedCell(eqx.Module):
 
             nodes, _ = lax.scan(node_step, nodes, (self.nodes, jnp.array(list(node_sources)), mix, base))
         out = nodes[self.steps - self.multiplier : self.steps]
-        return jnp.concatenate(list(out), axis=-1)
+        return jnp.concatenate(list(out), axis=-1), state
 
     def edge_op(self, node: int, source: int, name: str) -> eqx.Module:
         """The op module `name` on the edge `source -> node`, with its supernet weights."""
@@ -193,8 +197,8 @@ class _PerSourceCell(eqx.Module):
     """A `FusedCell`'s arrays in the order of its layout before the stacked one (checkpoint
     format 1): `preprocess0`, `preprocess1`, then each source's own `SourceOps`."""
 
-    preprocess0: Callable[..., Array]
-    preprocess1: Callable[..., Array]
+    preprocess0: OpModule
+    preprocess1: OpModule
     sources: tuple[SourceOps, ...]
     reduction: bool = eqx.field(static=True)
     steps: int = eqx.field(static=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._op_names import droppable_op, space_op_names
+from ._op_names import droppable_op, genotype_form, space_op_names
 
 Cell = tuple[tuple[str, int], ...]
 
@@ -62,20 +62,21 @@ class Genotype:
     def _validate(self):
         op_names = space_op_names(self.space)
         allowed = tuple(op for op in op_names if op != droppable_op(op_names))
-        if self.space == "seed":
+        form = genotype_form(self.space)
+        if form == "single":
             if len(self.normal) != 1 or self.reduce or self.reduce_concat:
-                raise ValueError(f"a seed-space genotype has exactly one op, got {self}")
+                raise ValueError(f"a {self.space}-space genotype has exactly one op, got {self}")
         cells = (("normal", self.normal, self.normal_concat), ("reduce", self.reduce, self.reduce_concat))
         for name, cell, concat in cells:
             for position, (op, index) in enumerate(cell):
                 if op not in allowed:
                     raise ValueError(f"genotype {name} cell: op {op!r} is not one of {allowed} (space {self.space!r})")
-                if self.space == "darts" and not 0 <= index < position // 2 + 2:
+                if form == "cell" and not 0 <= index < position // 2 + 2:
                     raise ValueError(
                         f"genotype {name} cell: pair {position} ({op!r}, {index}) feeds node "
                         f"{position // 2}, whose inputs are 0..{position // 2 + 1}"
                     )
-            if self.space == "darts":
+            if form == "cell":
                 if len(cell) % 2 or not cell:
                     raise ValueError(f"genotype {name} cell has {len(cell)} pairs; DARTS cells have two per node")
                 nodes = len(cell) // 2 + 2

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._norm import SEARCH_NORM
 from ._ops import Images, Output
 from ._spaces import SearchSpace
 
@@ -97,7 +98,7 @@ class MixedOp(eqx.Module):
     `none` is skipped: it adds exactly zero to the output and to every gradient.
     """
 
-    ops: tuple[Callable[[Images], Output], ...]
+    ops: tuple[Callable[..., tuple[Output, None]], ...]
     op_names: tuple[str, ...] = eqx.field(static=True)
 
     def __init__(
@@ -107,10 +108,11 @@ class MixedOp(eqx.Module):
         stride: int,
         *,
         key: PRNGKeyArray,
-        affine: bool = False,
     ):
         keys = jax.random.split(key, len(space.op_names))
-        self.ops = tuple(space.make_op(name, channels, stride, affine, key=k) for name, k in zip(space.op_names, keys))
+        self.ops = tuple(
+            space.make_op(name, channels, stride, SEARCH_NORM, key=k) for name, k in zip(space.op_names, keys)
+        )
         self.op_names = space.op_names
 
     def __call__(self, x: Images, weights: Float[Array, " ops"]) -> Output:
@@ -118,7 +120,7 @@ class MixedOp(eqx.Module):
         for w, name, op in zip(weights, self.op_names, self.ops):
             if name == "none":
                 continue
-            term = w * op(x)
+            term = w * op(x)[0]
             out = term if out is None else out + term
         if out is None:
             raise ValueError(f"mixed op over {self.op_names} has only `none`")

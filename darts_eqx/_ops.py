@@ -1,13 +1,16 @@
 """Candidate operations of the DARTS CNN search space (Liu et al., ICLR 2019), in NHWC.
 
-Unlike `equinox.nn` layers, these act on a whole batch `[batch, height, width, channels]`: the search
-network's batch normalisation uses the statistics of the batch, as the original does, so the batch
-axis is part of each op's meaning rather than something to `vmap` over.
+Unlike `equinox.nn` layers, these act on a whole batch `[batch, height, width, channels]`: batch
+normalisation uses the statistics of the batch, as the original does, so the batch axis is part of
+each op's meaning rather than something to `vmap` over. Each op is written once for the search and
+the evaluation network: it takes a `Normalisation` (`_norm`) and is called `op(x, state) -> (y,
+state)`, the state holding running batch-norm statistics in an evaluation network and passing
+through (None) in a search.
 """
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._conv import conv2d, pointwise_conv, separable_conv2d
+from ._norm import BatchNorm, Normalisation, RunningBatchNorm
 from ._pool import avg_pool, max_pool
 
 Images = Float[Array, "batch height width channels"]
@@ -24,6 +28,7 @@ Output = Float[Array, "batch _out_height _out_width _out_channels"]
 Earlier = Float[Array, "batch _in_height _in_width _in_channels"]
 
 _Model = TypeVar("_Model")
+Norm = BatchNorm | RunningBatchNorm
 
 
 def _uniform(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
@@ -61,40 +66,6 @@ def jit_build(constructor: Callable[..., _Model], /, *args, key: PRNGKeyArray, *
     return eqx.filter_jit(constructor)(*args, key=key, **kwargs)
 
 
-def batch_norm(x: Float[Array, "batch h w *channels"], eps: float = 1e-5) -> Float[Array, "batch h w *channels"]:
-    """Normalise with the statistics of the batch and spatial axes (biased variance), per channel
-    (and per group, for the stacked edges of the fused cell)."""
-    # The sums over pixels are matrix-vector products: XLA:CPU runs them (and their transposes in
-    # the backward pass) faster than `jnp.mean`'s column reductions (experiments/RESULTS.md).
-    shape = x.shape
-    rows = x.reshape(shape[0] * shape[1] * shape[2], -1)
-    average = jnp.full((rows.shape[0],), 1.0 / rows.shape[0], x.dtype)
-    centred = rows - (average @ rows)[None, :]
-    var = average @ jnp.square(centred)
-    return (centred * jax.lax.rsqrt(var + eps)[None, :]).reshape(shape)
-
-
-class BatchNorm(eqx.Module):
-    """Batch normalisation over the batch and spatial axes with the batch's own statistics
-    (biased variance, as PyTorch in training mode). `affine=False` has no parameters, as every
-    BN inside the DARTS search ops; the stem BN is affine."""
-
-    weight: Float[Array, " channels"] | None
-    bias: Float[Array, " channels"] | None
-    eps: float = eqx.field(static=True)
-
-    def __init__(self, channels: int, affine: bool, eps: float = 1e-5):
-        self.weight = jnp.ones(channels) if affine else None
-        self.bias = jnp.zeros(channels) if affine else None
-        self.eps = eps
-
-    def __call__(self, x: Images) -> Images:
-        y = batch_norm(x, self.eps)
-        if self.weight is not None and self.bias is not None:
-            y = y * self.weight[None, None, None, :] + self.bias[None, None, None, :]
-        return y
-
-
 class Conv2d(eqx.Module):
     """Dense k x k convolution without bias; weights HWIO."""
 
@@ -126,34 +97,33 @@ class Zero(eqx.Module):
 
     stride: int = eqx.field(static=True)
 
-    def __call__(self, x: Images) -> Output:
-        return jnp.zeros_like(x[:, :: self.stride, :: self.stride, :])
+    def __call__(self, x: Images, state: Any = None) -> tuple[Output, Any]:
+        return jnp.zeros_like(x[:, :: self.stride, :: self.stride, :]), state
 
 
 class Identity(eqx.Module):
     """`skip_connect` at stride 1."""
 
-    def __call__(self, x: Images) -> Images:
-        return x
+    def __call__(self, x: Images, state: Any = None) -> tuple[Images, Any]:
+        return x, state
 
 
 class Pool(eqx.Module):
     """3x3 max or average pool (padding 1, average excludes padding), optionally followed by a
-    non-affine BN as inside the original's mixed ops."""
+    norm (the search's mixed ops normalise pool outputs, as the original)."""
 
     kind: str = eqx.field(static=True)
     stride: int = eqx.field(static=True)
-    norm: BatchNorm | None
+    norm: Norm | None
 
-    def __init__(self, kind: str, channels: int, stride: int, with_norm: bool):
+    def __init__(self, kind: str, stride: int, norm: Norm | None = None):
         if kind not in ("max", "avg"):
             raise ValueError(f"pool kind (={kind!r}) must be 'max' or 'avg'")
-        self.kind, self.stride = kind, stride
-        self.norm = BatchNorm(channels, affine=False) if with_norm else None
+        self.kind, self.stride, self.norm = kind, stride, norm
 
-    def __call__(self, x: Images) -> Output:
+    def __call__(self, x: Images, state: Any = None) -> tuple[Output, Any]:
         y = max_pool(x, self.stride) if self.kind == "max" else avg_pool(x, self.stride)
-        return y if self.norm is None else self.norm(y)
+        return (y, state) if self.norm is None else self.norm(y, state)
 
 
 class FactorizedReduce(eqx.Module):
@@ -163,30 +133,30 @@ class FactorizedReduce(eqx.Module):
 
     weight_a: Float[Array, "cin half"]
     weight_b: Float[Array, "cin half"]
-    norm: BatchNorm
+    norm: Norm
 
-    def __init__(self, cin: int, cout: int, affine: bool, *, key: PRNGKeyArray):
+    def __init__(self, cin: int, cout: int, norm: Normalisation, *, key: PRNGKeyArray):
         if cout % 2:
             raise ValueError(f"FactorizedReduce output channels (={cout}) must be even")
         ka, kb = jax.random.split(key)
         self.weight_a = _uniform(ka, (cin, cout // 2), cin)
         self.weight_b = _uniform(kb, (cin, cout // 2), cin)
-        self.norm = BatchNorm(cout, affine)
+        self.norm = norm(cout)
 
-    def __call__(self, x: Images) -> Output:
+    def __call__(self, x: Images, state: Any = None) -> tuple[Output, Any]:
         if x.shape[1] % 2 or x.shape[2] % 2:
             raise ValueError(f"FactorizedReduce needs even height and width, got {x.shape[1]}x{x.shape[2]}")
         x = jax.nn.relu(x)
         a = pointwise_conv(x[:, ::2, ::2, :], self.weight_a)
         b = pointwise_conv(x[:, 1::2, 1::2, :], self.weight_b)
-        return self.norm(jnp.concatenate([a, b], axis=-1))
+        return self.norm(jnp.concatenate([a, b], axis=-1), state)
 
 
 class ReLUConvBN(eqx.Module):
     """ReLU, k x k convolution, BN."""
 
     conv: Conv2d
-    norm: BatchNorm
+    norm: Norm
 
     def __init__(
         self,
@@ -195,15 +165,15 @@ class ReLUConvBN(eqx.Module):
         kernel: int,
         stride: int,
         padding: int,
-        affine: bool,
+        norm: Normalisation,
         *,
         key: PRNGKeyArray,
     ):
         self.conv = Conv2d(cin, cout, kernel, stride, padding, key=key)
-        self.norm = BatchNorm(cout, affine)
+        self.norm = norm(cout)
 
-    def __call__(self, x: Images) -> Output:
-        return self.norm(self.conv(jax.nn.relu(x)))
+    def __call__(self, x: Images, state: Any = None) -> tuple[Output, Any]:
+        return self.norm(self.conv(jax.nn.relu(x)), state)
 
 
 class DilConv(eqx.Module):
@@ -211,7 +181,7 @@ class DilConv(eqx.Module):
 
     depthwise: Float[Array, "k k cin"]
     pointwise: Float[Array, "cin cout"]
-    norm: BatchNorm
+    norm: Norm
     stride: int = eqx.field(static=True)
     padding: int = eqx.field(static=True)
     dilation: int = eqx.field(static=True)
@@ -224,19 +194,19 @@ class DilConv(eqx.Module):
         stride: int,
         padding: int,
         dilation: int,
-        affine: bool,
+        norm: Normalisation,
         *,
         key: PRNGKeyArray,
     ):
         kd, kp = jax.random.split(key)
         self.depthwise = _uniform(kd, (kernel, kernel, cin), kernel * kernel)
         self.pointwise = _uniform(kp, (cin, cout), cin)
-        self.norm = BatchNorm(cout, affine)
+        self.norm = norm(cout)
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
-    def __call__(self, x: Images) -> Output:
+    def __call__(self, x: Images, state: Any = None) -> tuple[Output, Any]:
         y = separable_conv2d(jax.nn.relu(x), self.depthwise, self.pointwise, self.stride, self.padding, self.dilation)
-        return self.norm(y)
+        return self.norm(y, state)
 
 
 class SepConv(eqx.Module):
@@ -252,13 +222,47 @@ class SepConv(eqx.Module):
         kernel: int,
         stride: int,
         padding: int,
-        affine: bool,
+        norm: Normalisation,
         *,
         key: PRNGKeyArray,
     ):
         k1, k2 = jax.random.split(key)
-        self.first = DilConv(cin, cin, kernel, stride, padding, 1, affine, key=k1)
-        self.second = DilConv(cin, cout, kernel, 1, padding, 1, affine, key=k2)
+        self.first = DilConv(cin, cin, kernel, stride, padding, 1, norm, key=k1)
+        self.second = DilConv(cin, cout, kernel, 1, padding, 1, norm, key=k2)
 
-    def __call__(self, x: Images) -> Output:
-        return self.second(self.first(x))
+    def __call__(self, x: Images, state: Any = None) -> tuple[Output, Any]:
+        return self.second(*self.first(x, state))
+
+
+# Op constructors `(channels, stride, norm, key) -> op` of the built-in spaces (`SearchSpace`).
+
+
+def zero(c: int, s: int, norm: Normalisation, key: PRNGKeyArray) -> Zero:
+    return Zero(s)
+
+
+def pool(kind: str, *, normalised_in_search: bool):
+    """A 3x3 pool; with `normalised_in_search`, followed by a non-affine BN in the search's mixed
+    ops (the DARTS original) and by nothing in an evaluation network."""
+
+    def make(c: int, s: int, norm: Normalisation, key: PRNGKeyArray) -> Pool:
+        return Pool(kind, s, norm(c) if normalised_in_search and not norm.running else None)
+
+    return make
+
+
+def skip(c: int, s: int, norm: Normalisation, key: PRNGKeyArray) -> Identity | FactorizedReduce:
+    return Identity() if s == 1 else FactorizedReduce(c, c, norm, key=key)
+
+
+def sep_conv(k: int):
+    return lambda c, s, norm, key: SepConv(c, c, k, s, k // 2, norm, key=key)
+
+
+def dil_conv(k: int):
+    # padding = dilation * (k - 1) / 2 with dilation 2
+    return lambda c, s, norm, key: DilConv(c, c, k, s, k - 1, 2, norm, key=key)
+
+
+def relu_conv_bn(k: int):
+    return lambda c, s, norm, key: ReLUConvBN(c, c, k, s, k // 2, norm, key=key)

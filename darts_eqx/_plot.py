@@ -17,8 +17,11 @@ def _cell(genotype: Genotype, which: str):
         raise ValueError(f"cell (={which!r}) must be 'normal' or 'reduce'")
     pairs = genotype.normal if which == "normal" else genotype.reduce
     concat = genotype.normal_concat if which == "normal" else genotype.reduce_concat
-    if genotype.space != "darts":
-        raise ValueError(f"cell pictures are drawn for darts-space genotypes, not {genotype.space!r}")
+    if not pairs or len(pairs) % 2:
+        raise ValueError(
+            f"cell pictures are drawn for DARTS-cell genotypes (two ops per node); the {genotype.space!r} genotype's "
+            f"{which} cell has {len(pairs)} ops"
+        )
     return pairs, concat
 
 
@@ -125,9 +128,9 @@ def plot_alphas(history: list[dict], path: str | os.PathLike, op_names=None) -> 
     edges: int = max(v.shape[1] for v in series.values())
     ops = next(iter(series.values())).shape[2]
     if op_names is None:
-        from ._spaces import DARTS_SPACE, SEED_SPACE
+        from ._op_names import DARTS_OPS, SEED_OPS
 
-        op_names = DARTS_SPACE.op_names if ops == len(DARTS_SPACE.op_names) else SEED_SPACE.op_names
+        op_names = DARTS_OPS if ops == len(DARTS_OPS) else SEED_OPS
     epochs = np.arange(1, len(history) + 1)
     cols = min(edges, 7)
     rows_per = -(-edges // cols)

@@ -18,20 +18,18 @@ from jaxtyping import PRNGKeyArray
 from . import _parallel, _resume
 from ._config import SearchConfig
 from ._data import load
-from ._discretize import derive_genotype, discretize
 from ._execution import Execution, as_execution
-from ._genotype import Genotype
 from ._guards import grew, hessian_eigenvalue
 from ._loop import Progress, Schedule, SearchDiverged, SearchLoop
 from ._loss import supernet_loss
 from ._methods import MethodContext, Plugin, chain, from_config, parts
 from ._mixed import combine_arch, split_arch
 from ._optim import arch_optimizer, weight_optimizer
+from ._skeleton import CellNetwork
 from ._spaces import get_space
 from ._state import as_typed_key, initial_state, saved, unsaved
 from ._step import make_chunk_fn
-from ._supernet import build_supernet, with_recorded_alpha
-from .nb201 import NB201Genotype
+from ._supernet import build_supernet, derive_genotype, discretize, with_recorded_alpha
 
 __all__ = ["SearchDiverged", "SearchResult", "search"]
 
@@ -39,14 +37,14 @@ __all__ = ["SearchDiverged", "SearchResult", "search"]
 @dataclass(frozen=True)
 class SearchResult:
     """What `search` returns: the derived genotype, the trained supernet, the discretised network
-    (`discretize(supernet, genotype)`; None for a partial-channel or NB201 search), the per-epoch history
+    (`discretize(supernet, genotype)`: still to be trained, see `darts_eqx.train`), the per-epoch history
     (deterministic: no wall-clock times), the config used, the wall-clock seconds of each epoch
     run in this call, the epoch at which DARTS-ES stopped the search (None if it did not), and
     the resolved execution it ran with."""
 
-    genotype: Genotype | NB201Genotype
-    supernet: Any
-    network: Any
+    genotype: Any
+    supernet: CellNetwork
+    network: CellNetwork
     history: list[dict]
     config: SearchConfig
     epoch_seconds: list[float] = dataclasses.field(default_factory=list)
@@ -223,8 +221,7 @@ def _result(done: Progress, static, config, execution, mesh, key_impl: str, sele
     else:  # DARTS-ES: the architecture from before the eigenvalue grew
         record = done.history[done.stopped_at - 1 - config.early_stop_window]
         genotype = select(with_recorded_alpha(supernet, record))
-    # A partial-channel supernet's weights fit 1/k-wide ops only; NB201 is scored by lookup.
-    network = discretize(supernet, genotype) if config.partial_channels == 1 and config.space != "nb201" else None
+    network = discretize(supernet, genotype)
     return SearchResult(
         genotype, supernet, network, done.history, config, done.epoch_seconds, done.stopped_at, execution
     )

@@ -25,19 +25,10 @@ from ._conv import (
     uses_depthwise_kernel,
     weight_einsum,
 )
-from ._ops import (
-    DilConv,
-    FactorizedReduce,
-    Identity,
-    Images,
-    Pool,
-    SepConv,
-    Zero,
-    _uniform,
-    batch_norm,
-)
+from ._darts import DARTS_SPACE
+from ._norm import SEARCH_NORM, batch_norm
+from ._ops import Images, _uniform
 from ._pool import avg_pool, max_pool
-from ._spaces import DARTS_SPACE
 from ._surgery import assemble
 
 _CONV_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -187,21 +178,13 @@ class SourceOps(eqx.Module):
     def edge_op(self, name: str, slot: int) -> eqx.Module:
         """The stand-alone op module of edge `slot` for candidate `name`, with these weights."""
         s, c = self.stride, self.channels
-        key = jax.random.key(0)  # shape-only templates: every array is replaced below
-        if name == "none":
-            return Zero(s)
-        if name in ("max_pool_3x3", "avg_pool_3x3"):
-            return Pool(name[:3], c, s, with_norm=True)
-        if name == "skip_connect":
-            if s == 1:
-                return Identity()
-            fr = eqx.filter_eval_shape(FactorizedReduce, c, c, False, key=key)
+        # a shape-only template of the space's own op: every array is replaced below
+        op = eqx.filter_eval_shape(DARTS_SPACE.make_op, name, c, s, SEARCH_NORM, key=jax.random.key(0))
+        if name == "skip_connect" and s == 2:
             assert self.skip_a is not None and self.skip_b is not None  # stride 2 has them
-            return eqx.tree_at(lambda m: (m.weight_a, m.weight_b), fr, (self.skip_a[slot], self.skip_b[slot]))
+            return eqx.tree_at(lambda m: (m.weight_a, m.weight_b), op, (self.skip_a[slot], self.skip_b[slot]))
         if name.startswith("sep_conv"):
-            k = _KERNEL[name]
-            prefix = f"sep{k}"
-            op = eqx.filter_eval_shape(SepConv, c, c, k, s, k // 2, False, key=key)
+            prefix = f"sep{_KERNEL[name]}"
             return eqx.tree_at(
                 lambda m: (m.first.depthwise, m.first.pointwise, m.second.depthwise, m.second.pointwise),
                 op,
@@ -209,13 +192,20 @@ class SourceOps(eqx.Module):
             )
         if name.startswith("dil_conv"):
             k = _KERNEL[name]
-            op = eqx.filter_eval_shape(DilConv, c, c, k, s, k - 1, 2, False, key=key)
             return eqx.tree_at(
                 lambda m: (m.depthwise, m.pointwise),
                 op,
                 (getattr(self, f"dil{k}_dw")[slot], getattr(self, f"dil{k}_pw")[slot]),
             )
-        raise ValueError(f"unknown DARTS op {name!r}; known: {DARTS_SPACE.op_names}")
+        # no weights (none, pools with a non-affine norm, identity): the template is the op; its
+        # non-array leaves (shape structs) are none
+        return jax.tree.map(_no_shape_struct, op)
+
+
+def _no_shape_struct(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise AssertionError("a parameter-free DARTS op has an array leaf")
+    return leaf
 
 
 def _with_edges(ops: SourceOps, edges: int, fn) -> SourceOps:

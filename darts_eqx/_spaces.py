@@ -1,20 +1,24 @@
-"""Search spaces as data: an ordered tuple of op names and one constructor per name.
+"""Search spaces as data: an ordered tuple of op names, one constructor per name, and a topology
+that wires the ops into networks (`Topology`).
 
 The op order is part of a space's definition: alpha's last axis follows it and genotypes are
-derived from it, so it never comes from dict or set iteration. The built-in spaces' names live in
-`_op_names.py` (no jax), so that genotypes are read and checked without importing the ops.
+derived from it, so it never comes from dict or set iteration. The built-in spaces register
+themselves from their own modules through `register_space`, as a user's space does; their op
+names also live in `_op_names.py` (no jax), so that genotypes are read and checked without
+importing the ops.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from jaxtyping import Array, PRNGKeyArray
 
-from ._op_names import DARTS_OPS, NB201_OPS, SEED_OPS, droppable_op, register_op_names
-from ._ops import DilConv, FactorizedReduce, Identity, Pool, ReLUConvBN, SepConv, Zero
+from ._norm import Normalisation
+from ._op_names import droppable_op, register_op_names
 
-# (channels, stride, affine, key) -> op module: a batch in, a batch out
-OpConstructor = Callable[[int, int, bool, PRNGKeyArray], Callable[..., Array]]
+# (channels, stride, norm, key) -> op module: `op(x, state) -> (y, state)` on a batch
+OpConstructor = Callable[[int, int, Normalisation, PRNGKeyArray], Callable[..., tuple[Array, Any]]]
 
 
 @dataclass(frozen=True)
@@ -24,14 +28,26 @@ class SearchSpace:
     **Arguments:**
     - `name`: the space's name, recorded in genotypes.
     - `op_names`: candidate op names, in alpha's column order.
-    - `constructors`: one `(channels, stride, affine, key) -> Module` per name, same order.
+    - `topology`: how the ops are wired into the supernet, the discrete network and the
+      evaluation network (`Topology`); default: `layers()`, a stack of mixed ops of stride 1.
+    - `constructors`: one `(channels, stride, norm, key) -> Module` per name, same order; the
+      module is called `op(x, state) -> (y, state)` on an NHWC batch and builds its batch norms
+      with `norm(channels)` (see `darts_eqx.Normalisation`), so that the same op serves the
+      search (batch statistics) and the evaluation network (running statistics).
     """
 
     name: str
     op_names: tuple[str, ...]
     constructors: tuple[OpConstructor, ...]
+    topology: "Topology" = None  # type: ignore[assignment]  # the layered topology when not given
 
     def __post_init__(self):
+        if self.topology is None:
+            from ._layers import LayerTopology
+
+            object.__setattr__(self, "topology", LayerTopology())
+        if not isinstance(self.topology, Topology):
+            raise ValueError(f"space {self.name!r}: topology must be a darts_eqx.Topology, got {self.topology!r}")
         if len(self.op_names) != len(self.constructors):
             raise ValueError(
                 f"space {self.name!r}: {len(self.op_names)} op names but {len(self.constructors)} constructors"
@@ -41,12 +57,12 @@ class SearchSpace:
         if not self.op_names:
             raise ValueError(f"space {self.name!r} has no ops")
 
-    def make_op(self, name: str, channels: int, stride: int, affine: bool, *, key: PRNGKeyArray):
+    def make_op(self, name: str, channels: int, stride: int, norm: Normalisation, *, key: PRNGKeyArray):
         """Build the op `name` of this space."""
         if name not in self.op_names:
             raise ValueError(f"unknown op {name!r} for space {self.name!r}; known: {self.op_names}")
         index = self.op_names.index(name)
-        return self.constructors[index](channels, stride, affine, key)
+        return self.constructors[index](channels, stride, norm, key)
 
     @property
     def droppable(self) -> str | None:
@@ -54,97 +70,122 @@ class SearchSpace:
         return droppable_op(self.op_names)
 
 
-def _zero(c, s, affine, key):
-    return Zero(s)
-
-
-def _pool(kind):
-    # Inside mixed ops pools get a non-affine BN (search network); in a discrete evaluation
-    # network (affine=True) they have none, as in the original.
-    return lambda c, s, affine, key: Pool(kind, c, s, with_norm=not affine)
-
-
-def _skip(c, s, affine, key):
-    return Identity() if s == 1 else FactorizedReduce(c, c, affine, key=key)
-
-
-def _sep(k):
-    return lambda c, s, affine, key: SepConv(c, c, k, s, k // 2, affine, key=key)
-
-
-def _dil(k):
-    return lambda c, s, affine, key: DilConv(c, c, k, s, k - 1, 2, affine, key=key)
-
-
-def _conv(k):
-    return lambda c, s, affine, key: ReLUConvBN(c, c, k, s, k // 2, affine, key=key)
-
-
-def _space(name: str, op_names: tuple[str, ...], constructors: dict[str, OpConstructor]) -> SearchSpace:
+def space(
+    name: str, op_names: tuple[str, ...], constructors: dict[str, OpConstructor], topology: "Topology | None" = None
+) -> SearchSpace:
     """A space whose constructors are given by op name (the order is `op_names`')."""
-    return SearchSpace(name, op_names, tuple(constructors[op] for op in op_names))
+    missing = [op for op in op_names if op not in constructors]
+    if missing:
+        raise ValueError(f"space {name!r}: no constructor for ops {missing}")
+    return SearchSpace(name, op_names, tuple(constructors[op] for op in op_names), topology)  # type: ignore[arg-type]
 
 
-DARTS_SPACE = _space(
-    "darts",
-    DARTS_OPS,
-    {
-        "none": _zero,
-        "max_pool_3x3": _pool("max"),
-        "avg_pool_3x3": _pool("avg"),
-        "skip_connect": _skip,
-        "sep_conv_3x3": _sep(3),
-        "sep_conv_5x5": _sep(5),
-        "dil_conv_3x3": _dil(3),
-        "dil_conv_5x5": _dil(5),
-    },
-)
+class Topology:
+    """How a space's ops are wired into networks: the supernet a search trains, the genotype a
+    trained supernet selects, the discrete network it becomes, and the evaluation network a
+    genotype is trained as. Every network is a `darts_eqx.CellNetwork`. Subclass it to give a
+    space a topology of its own; the built-in ones are the DARTS cell (`darts_eqx.DARTS_SPACE`),
+    NAS-Bench-201's (`darts_eqx.nb201`) and a stack of mixed ops (`darts_eqx.LayerTopology`)."""
 
-# The seed document's minimal mixed op: identity, 3x3 and 5x5 conv, average and max pool.
-SEED_SPACE = _space(
-    "seed",
-    SEED_OPS,
-    {
-        "skip_connect": _skip,
-        "conv_3x3": _conv(3),
-        "conv_5x5": _conv(5),
-        "avg_pool_3x3": _pool("avg"),
-        "max_pool_3x3": _pool("max"),
-    },
-)
+    # The form of its genotypes' checks: "cell" (DARTS cells), "single" (one op), or None when
+    # its genotypes are of a class of its own.
+    genotype_form: str | None = None
+    # Whether its supernet takes `partial_channels` > 1 (PC-DARTS edges).
+    supports_partial_channels: bool = False
+    # The `layers` the command line uses when none is given (None: `SearchConfig`'s default).
+    default_layers: int | None = None
 
-# NAS-Bench-201's ops (Dong & Yang, ICLR 2020); the cell and network are in `darts_eqx.nb201`.
-NB201_SPACE = _space(
-    "nb201",
-    NB201_OPS,
-    {
-        "none": _zero,
-        "skip_connect": _skip,
-        "nor_conv_1x1": _conv(1),
-        "nor_conv_3x3": _conv(3),
-        "avg_pool_3x3": lambda c, s, affine, key: Pool("avg", c, s, with_norm=False),  # no BN after pooling
-    },
-)
+    def reductions(self, config) -> int:
+        """How many times the supernet of `config` halves the image size."""
+        return 0
 
-SPACES = {space.name: space for space in (DARTS_SPACE, SEED_SPACE, NB201_SPACE)}
+    def supernet(self, space: "SearchSpace", config, image_shape, num_classes: int, *, key: PRNGKeyArray):
+        """The supernet of `config` (its `channels`, `layers`, ...) for images of `image_shape`
+        (height, width, channels)."""
+        raise NotImplementedError
+
+    def derive(self, space: "SearchSpace", supernet):
+        """The genotype the supernet's architecture parameters select."""
+        raise NotImplementedError
+
+    def discretize(self, space: "SearchSpace", supernet, genotype):
+        """`supernet` with each kept edge's chosen op (and its weights) and nothing else."""
+        raise NotImplementedError
+
+    def network(
+        self,
+        space: "SearchSpace",
+        genotype,
+        channels: int,
+        layers: int,
+        num_classes: int,
+        in_channels: int,
+        auxiliary: bool,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """A fresh evaluation network (running batch-norm statistics) implementing `genotype`."""
+        raise NotImplementedError(f"{type(self).__name__} does not build evaluation networks")
+
+    def genotype_from_json(self, space: "SearchSpace", obj):
+        """The genotype a `to_json()` of this topology's genotypes wrote."""
+        from ._genotype import Genotype
+
+        return Genotype.from_json(obj)
+
+
+def check_image_size(space: SearchSpace, config, height: int, width: int) -> None:
+    """A `ValueError` if images of `height` x `width` cannot pass the reductions of `space`'s
+    networks for `config` (its `layers`)."""
+    n = space.topology.reductions(config)
+    if height % 2**n or width % 2**n:
+        raise ValueError(
+            f"images of {height}x{width} cannot pass {n} reduction cells: height and width must be divisible by {2**n}"
+        )
+
+
+SPACES: dict[str, SearchSpace] = {}
+# The built-in spaces' modules, imported (and so registered) when a space is first looked up.
+_BUILT_IN = ("._darts", "._layers", ".nb201")
 
 
 def register_space(space: SearchSpace) -> SearchSpace:
-    """Make a custom `space` usable by name (`search(space=name)`, genotypes of that space): the
-    search then runs a `SeedNetwork` of mixed ops over its ops, which must map an NHWC batch to
-    one of the same shape at stride 1. Registering another space under a taken name is an error."""
+    """Make `space` usable by name (`search(space=name)`, `--space name`, genotypes of that
+    space). Registering another space under a taken name is an error."""
     if not isinstance(space, SearchSpace):
         raise ValueError(f"register_space expects a SearchSpace, got {type(space).__name__}")
     existing = SPACES.get(space.name)
     if existing is not None and existing is not space:
         raise ValueError(f"a different search space is already registered as {space.name!r}")
-    register_op_names(space.name, space.op_names)
+    register_op_names(space.name, space.op_names, space.topology.genotype_form)
     SPACES[space.name] = space
     return space
 
 
+def space_of(model) -> SearchSpace:
+    """The registered space a network (`CellNetwork`) belongs to."""
+    name = getattr(model, "space", None)
+    if not isinstance(name, str):
+        raise TypeError(f"expected a darts_eqx network (a CellNetwork), got {type(model).__name__}")
+    return get_space(name)
+
+
+def _import_built_in():
+    import importlib
+
+    for module in _BUILT_IN:
+        importlib.import_module(module, __package__)
+
+
+def space_names() -> tuple[str, ...]:
+    """The names of the registered spaces, built-in ones first."""
+    _import_built_in()
+    return tuple(SPACES)
+
+
 def get_space(name: str) -> SearchSpace:
-    """The search space called `name`: `darts`, `seed`, `nb201` or one given to `register_space`."""
+    """The search space called `name`: a built-in one or one given to `register_space`."""
+    _import_built_in()
     try:
         return SPACES[name]
     except KeyError:

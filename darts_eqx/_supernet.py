@@ -1,80 +1,94 @@
-"""The supernet of a search config, and what the search reads off it (softmax(alpha) per cell type)."""
+"""Supernets: their architecture parameters (`Architecture`), and what the search asks of a space
+(build the supernet of a config, select its genotype, discretise it), dispatched to the space's
+topology so that nothing here names a space."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from . import _parallel
-from ._network import SearchNetwork, SeedNetwork, reduction_layers
-from ._spaces import get_space
+from ._mixed import ArchLogits, EdgeLogits
+from ._spaces import check_image_size, get_space, space_of
+
+
+class Architecture(eqx.Module):
+    """A supernet's architecture parameters: alpha per cell kind (DARTS: `normal` and `reduce`;
+    spaces with one kind of cell: `cell`), and with partial channels (PC-DARTS) the
+    edge-normalisation logits beta per kind. `weights()` gives each kind's `(softmax(alpha),
+    softmax(beta) or None)`, as the skeleton hands them to its cells."""
+
+    alpha: dict[str, ArchLogits]
+    beta: dict[str, EdgeLogits] | None = None
+
+    def weights(self) -> dict:
+        return {
+            kind: (logits.weights(), None if self.beta is None else self.beta[kind].weights())
+            for kind, logits in self.alpha.items()
+        }
+
+
+def record_name(part: str, kind: str, kinds: int) -> str:
+    """The history record's name of `part` (`alpha`, `beta`) of cell kind `kind`: `alpha` with a
+    single kind, `alpha_normal` etc. with several."""
+    return part if kinds == 1 else f"{part}_{kind}"
 
 
 def build_supernet(config, image_shape, num_classes: int, *, key: PRNGKeyArray):
-    """The supernet of `config.space` for images of `image_shape` (height, width, channels):
-    the DARTS network, the NAS-Bench-201 network (`layers` = cells per stage), or for any other
-    space a `SeedNetwork` of `layers` mixed ops over it."""
-    height, width, in_channels = image_shape
-    reductions = {"darts": len(reduction_layers(config.layers)), "nb201": 2}.get(config.space, 0)
-    factor = 2**reductions
-    if height % factor or width % factor:
+    """The supernet of `config.space` for images of `image_shape` (height, width, channels)."""
+    space = get_space(config.space)
+    check_image_size(space, config, image_shape[0], image_shape[1])
+    return space.topology.supernet(space, config, image_shape, num_classes, key=key)
+
+
+def derive_genotype(model):
+    """The genotype a supernet's architecture parameters select (its space's rule: for the DARTS
+    cell, the paper's strongest two edges per node and strongest op per edge, never `none`)."""
+    space = space_of(model)
+    return space.topology.derive(space, model)
+
+
+def discretize(model, genotype=None):
+    """Turn a supernet into a plain network for `genotype` (default: the one alpha selects).
+
+    Each kept edge becomes the chosen op module with its supernet weights; other edges, mixed ops
+    and the architecture parameters are gone. The result computes what the supernet computes when
+    the op weights are one-hot on the genotype's ops and zero elsewhere. It still normalises with
+    batch statistics; `darts_eqx.train` fine-tunes it (and makes them running statistics).
+    """
+    space = space_of(model)
+    if model.arch is None:
+        raise ValueError("discretize expects a supernet; this network has no architecture parameters")
+    if genotype is None:
+        genotype = space.topology.derive(space, model)
+    if getattr(genotype, "space", None) != space.name:
         raise ValueError(
-            f"images of {height}x{width} cannot pass {reductions} reduction cells: height and width must be "
-            f"divisible by {factor}"
+            f"a {space.name!r} supernet cannot take a {getattr(genotype, 'space', type(genotype).__name__)!r}-space "
+            "genotype"
         )
-    if config.space == "darts":
-        return SearchNetwork(
-            config.channels, config.layers, num_classes, in_channels, partial_channels=config.partial_channels, key=key
-        )
-    if config.space == "nb201":
-        from .nb201 import NB201Network
-
-        return NB201Network(config.channels, config.layers, num_classes, in_channels, key=key)
-    model = SeedNetwork(
-        config.channels, config.layers, num_classes, in_channels, space=get_space(config.space), key=key
-    )
-    _check_op_shapes(model, height, width)
-    return model
-
-
-def _check_op_shapes(model: SeedNetwork, height: int, width: int) -> None:
-    """Every op of a (custom) space must keep an NHWC batch's shape: checked abstractly, before
-    anything is compiled, naming the op that does not."""
-    stem_scale = model.stem.norm.weight
-    assert stem_scale is not None  # the stem's batch norm is affine
-    x = jax.ShapeDtypeStruct((2, height, width, stem_scale.shape[0]), jnp.float32)
-    for name, op in zip(model.op_names, model.mixed[0].ops):
-        try:
-            out = eqx.filter_eval_shape(op, x)
-        except Exception as e:  # a user's op may fail in any way: name it
-            raise ValueError(f"op {name!r} of space {model.space_name!r} fails on a {x.shape} batch: {e}") from None
-        if getattr(out, "shape", None) != x.shape:
-            raise ValueError(
-                f"op {name!r} of space {model.space_name!r} maps a {x.shape} batch to "
-                f"{getattr(out, 'shape', type(out).__name__)}: ops must keep the shape at stride 1"
-            )
+    return space.topology.discretize(space, model, genotype)
 
 
 def arch_weights(model) -> dict[str, np.ndarray]:
-    """softmax(alpha) of each cell type, by name."""
-    if isinstance(model, SearchNetwork):
-        out = {
-            "alpha_normal": _parallel.fetch(model.alpha_normal.weights()),
-            "alpha_reduce": _parallel.fetch(model.alpha_reduce.weights()),
-        }
-        if model.beta_normal is not None:
-            assert model.beta_reduce is not None  # the two betas exist together (partial channels)
-            out["beta_normal"] = _parallel.fetch(model.beta_normal.weights())
-            out["beta_reduce"] = _parallel.fetch(model.beta_reduce.weights())
-        return out
-    return {"alpha": _parallel.fetch(model.alpha.weights())}
+    """softmax(alpha) (and softmax(beta)) of each cell kind, by record name."""
+    arch: Architecture = model.arch
+    out = {}
+    for kind, logits in arch.alpha.items():
+        out[record_name("alpha", kind, len(arch.alpha))] = _parallel.fetch(logits.weights())
+    for kind, logits in (arch.beta or {}).items():
+        out[record_name("beta", kind, len(arch.alpha))] = _parallel.fetch(logits.weights())
+    return out
 
 
 def with_recorded_alpha(supernet, record: dict):
     """`supernet` with the alpha (and beta) whose softmax a history record holds."""
-    for name in ("alpha", "alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce"):
-        if name in record:
-            logits = jnp.log(jnp.asarray(record[name], jnp.float32))
-            supernet = eqx.tree_at(lambda m, name=name: getattr(m, name).logits, supernet, logits)
+    arch: Architecture = supernet.arch
+    for part in ("alpha", "beta"):
+        for kind in getattr(arch, part) or {}:
+            name = record_name(part, kind, len(arch.alpha))
+            if name in record:
+                logits = jnp.log(jnp.asarray(record[name], jnp.float32))
+                supernet = eqx.tree_at(
+                    lambda m, part=part, kind=kind: getattr(m.arch, part)[kind].logits, supernet, logits
+                )
     return supernet

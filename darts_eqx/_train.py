@@ -22,12 +22,12 @@ from jaxtyping import PRNGKeyArray
 from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
 from ._checks import non_negative, positive, positive_ints, replace_known
 from ._data import load
-from ._eval import EvalNetwork, count_parameters, make_eval_network
 from ._execution import Execution, as_execution
-from ._genotype import Genotype
 from ._loop import progress_bar
-from ._network import reduction_layers
+from ._norm import with_running_norms
 from ._optim import clipped_sgd, cosine_lr
+from ._skeleton import CellNetwork, count_parameters, has_running_norms
+from ._spaces import check_image_size, get_space
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,16 @@ class TrainConfig:
 class TrainResult:
     """The trained `model` and its batch-norm `state`, the per-epoch `history` (`epoch`,
     `train_loss`, `train_acc`, `test_acc`, `lr`, `drop_prob`), the parameter count (without the
-    auxiliary head), the config, and wall-clock seconds per epoch."""
+    auxiliary head), the config, wall-clock seconds per epoch, and whether the model was built
+    from a genotype (False: a discretised supernet, fine-tuned)."""
 
-    model: EvalNetwork
+    model: CellNetwork
     state: Any
     history: list[dict]
     parameters: int
     config: TrainConfig
     epoch_seconds: list[float]
+    from_genotype: bool = True
 
 
 def augment(key: PRNGKeyArray, x, config: TrainConfig):
@@ -183,7 +185,7 @@ def _batched(x, y, batch_size: int):
 
 def train(
     key: PRNGKeyArray,
-    genotype: Genotype,
+    architecture,
     data=None,
     config: TrainConfig | None = None,
     *,
@@ -192,14 +194,17 @@ def train(
     callback=None,
     **options,
 ) -> TrainResult:
-    """Train `genotype` from scratch on `data`'s training split; test accuracy on its test split
-    after each epoch. `callback(history, model, state)` is called after each epoch; `execution`
-    says how the training runs (its `steps_per_chunk`, formulations, XLA preset)."""
+    """Train on `data`'s training split, with test accuracy on its test split after each epoch.
+
+    `architecture` is a genotype (of any registered space; trained from scratch as its space's
+    evaluation network of `config.channels` and `config.layers`), or what `discretize` returns (a
+    discretised supernet, fine-tuned from its supernet weights with its batch norms given running
+    statistics; `channels`, `layers` and `auxiliary` then come from the network).
+    `callback(history, model, state)` is called after each epoch; `execution` says how the training
+    runs (its `steps_per_chunk`, formulations, XLA preset)."""
     config = (config or TrainConfig()).replace(**options)
     execution = as_execution(execution)
     execution.use_compile_cache()
-    if not isinstance(genotype, Genotype):
-        raise ValueError(f"genotype must be a Genotype, got {type(genotype).__name__}")
     data = _checked(load(data), config)
     assert data.x_test is not None  # `_checked` requires a test split
     steps_per_epoch = len(data.x_train) // config.batch_size
@@ -207,9 +212,7 @@ def train(
     steps_per_epoch = chunks * chunk_len
 
     key_model, key_order, key_train = jax.random.split(key, 3)
-    model, bn_state = make_eval_network(
-        genotype, config.channels, config.layers, data.num_classes, data.image_shape[2], config.auxiliary, key=key_model
-    )
+    model, bn_state = _trainable(architecture, config, data.num_classes, data.image_shape, key=key_model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     optimizer = train_optimizer(config, steps_per_epoch)
     carry = (params, optimizer.init(params), bn_state, key_train)
@@ -248,7 +251,32 @@ def train(
                 callback(list(history), eqx.combine(carry[0], static), carry[2])
     finally:
         bar.close()
-    return TrainResult(eqx.combine(carry[0], static), carry[2], history, count_parameters(model), config, seconds)
+    trained = eqx.combine(carry[0], static)
+    from_genotype = not isinstance(architecture, CellNetwork)
+    return TrainResult(trained, carry[2], history, count_parameters(model), config, seconds, from_genotype)
+
+
+def _trainable(architecture, config: TrainConfig, num_classes: int, image_shape, *, key: PRNGKeyArray):
+    """`(network, state)` to train: a genotype's evaluation network, or a discretised supernet
+    with running batch-norm statistics."""
+    if isinstance(architecture, CellNetwork):
+        if architecture.arch is not None:
+            raise ValueError("train takes a genotype or a discretised network: discretize the supernet first")
+        if has_running_norms(architecture):
+            raise ValueError("this network already keeps running statistics: train takes a discretised supernet")
+        # copies: training donates its buffers, and these are the caller's network's (and supernet's)
+        return with_running_norms(
+            jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, architecture)
+        )
+    space_name = getattr(architecture, "space", None)
+    if not isinstance(space_name, str):
+        raise ValueError(f"train takes a genotype or a discretised network, got {type(architecture).__name__}")
+    space = get_space(space_name)
+    height, width, in_channels = image_shape
+    check_image_size(space, config, height, width)
+    return space.topology.network(
+        space, architecture, config.channels, config.layers, num_classes, in_channels, config.auxiliary, key=key
+    )
 
 
 def _checked(data, config: TrainConfig):
@@ -258,13 +286,6 @@ def _checked(data, config: TrainConfig):
         raise ValueError(f"data set {data.name!r} has no test split: training from scratch reports test accuracy")
     if len(data.x_train) < config.batch_size:
         raise ValueError(f"batch_size (={config.batch_size}) is larger than the {len(data.x_train)} training images")
-    reductions = len(reduction_layers(config.layers))
-    height, width = data.image_shape[:2]
-    if height % 2**reductions or width % 2**reductions:
-        raise ValueError(
-            f"images of {height}x{width} cannot pass {reductions} reduction cells: "
-            f"height and width must be divisible by {2**reductions}"
-        )
     return data
 
 
@@ -277,7 +298,14 @@ def _check_finite(loss, epoch: int, steps_per_epoch: int) -> None:
 
 
 def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes: int, in_channels: int) -> None:
-    """Write `model.eqx` (network and batch-norm state) and `model.json` (what rebuilds it)."""
+    """Write `model.eqx` (network and batch-norm state) and `model.json` (what rebuilds it: the
+    genotype and the network's sizes). Only networks trained from a genotype are rebuilt this
+    way; save a fine-tuned discretised supernet with `eqx.tree_serialise_leaves`."""
+    if not result.from_genotype:
+        raise ValueError(
+            "save_trained rebuilds a network from its genotype; this one was fine-tuned from a discretised supernet: "
+            "save it with eqx.tree_serialise_leaves and load it into the same discretised supernet"
+        )
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     atomic_write_bytes(os.path.join(directory, "model.eqx"), serialised((result.model, result.state)))
@@ -292,15 +320,17 @@ def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes:
     atomic_write_text(os.path.join(directory, "model.json"), json.dumps(spec, indent=2))
 
 
-def load_trained(directory: str | os.PathLike) -> tuple[EvalNetwork, Any]:
+def load_trained(directory: str | os.PathLike) -> tuple[CellNetwork, Any]:
     """`(model, state)` written by `save_trained` / `darts-eqx train`; call
     `model(x, state)` for inference logits."""
     directory = os.fspath(directory)
     try:
         with open(os.path.join(directory, "model.json")) as f:
             spec = json.load(f)
-        genotype = Genotype.from_json(spec["genotype"])
-        like = make_eval_network(
+        space = get_space(spec["genotype"]["space"])
+        genotype = space.topology.genotype_from_json(space, spec["genotype"])
+        like = space.topology.network(
+            space,
             genotype,
             spec["channels"],
             spec["layers"],

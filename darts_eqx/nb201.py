@@ -15,6 +15,7 @@ NAS-Bench-201 accuracy CSV (`ArchitectureString` plus `*TestAccuracy*` columns).
 import csv
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import einops
 import equinox as eqx
@@ -24,11 +25,15 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._cell import OpModule
 from ._conv import pointwise_conv
 from ._mixed import ArchLogits, MixedOp
-from ._network import Stem, classify
-from ._ops import BatchNorm, Output, ReLUConvBN, _uniform
-from ._spaces import NB201_SPACE
+from ._norm import EVAL_NORM, SEARCH_NORM, Normalisation
+from ._op_names import NB201_OPS
+from ._ops import Identity, ReLUConvBN, _uniform, pool, relu_conv_bn, skip, zero
+from ._skeleton import CellNetwork, DropPath, Head, Stem
+from ._spaces import Topology, register_space, space
+from ._supernet import Architecture
 
 Images = Float[Array, "batch height width channels"]
 
@@ -37,7 +42,7 @@ EDGES = tuple((i, j) for j in range(1, NODES) for i in range(j))  # (from, to), 
 
 
 class NB201Cell(eqx.Module):
-    """Node j = sum over i < j of mixed_op(i -> j)(node i); output node 3."""
+    """A supernet cell: node j = sum over i < j of mixed_op(i -> j)(node i); output node 3."""
 
     edges: tuple[MixedOp, ...]
 
@@ -53,6 +58,42 @@ class NB201Cell(eqx.Module):
         return nodes[-1]
 
 
+class NB201Stage(eqx.Module):
+    """A supernet stage: N cells of the same shapes stacked along a leading axis, run as one
+    `lax.scan` (one compiled cell body per stage instead of N)."""
+
+    cells: NB201Cell
+
+    def __call__(self, s0, s1: Images, weights, state=None, drop: DropPath | None = None):
+        dynamic, static = eqx.partition(self.cells, eqx.is_array)
+        h, _ = lax.scan(lambda h, d: (eqx.combine(d, static)(h, weights[0]), None), s1, dynamic)
+        return h, state
+
+
+class DiscreteNB201Cell(eqx.Module):
+    """A discrete cell: node j = sum over i < j of op(i -> j)(node i), edges whose op is `none`
+    left out (a node without edges is zero); output node 3."""
+
+    ops: tuple[OpModule | None, ...]
+
+    def __call__(self, s0, s1: Images, weights=None, state=None, drop: DropPath | None = None):
+        nodes = [s1]
+        keys: list[Any] = [None] * len(EDGES) if drop is None else list(jax.random.split(drop.key, len(EDGES)))
+        for j in range(1, NODES):
+            total = jnp.zeros_like(s1)
+            for e, (i, to) in enumerate(EDGES):
+                if to != j or self.ops[e] is None:
+                    continue
+                op = self.ops[e]
+                assert op is not None  # skipped above
+                h, state = op(nodes[i], state)
+                if drop is not None and not isinstance(self.ops[e], Identity):
+                    h = drop(h, keys[e])
+                total = total + h
+            nodes.append(total)
+        return nodes[-1], state
+
+
 class ResidualReduction(eqx.Module):
     """The benchmark's residual block between stages: ReLU-conv3x3(stride 2)-BN, ReLU-conv3x3-BN,
     plus a shortcut of 2x2 average pooling and a 1x1 conv."""
@@ -61,58 +102,105 @@ class ResidualReduction(eqx.Module):
     conv_b: ReLUConvBN
     shortcut: Float[Array, "cin cout"]
 
-    def __init__(self, cin: int, cout: int, *, key: PRNGKeyArray):
+    def __init__(self, cin: int, cout: int, norm: Normalisation, *, key: PRNGKeyArray):
         ka, kb, ks = jax.random.split(key, 3)
-        self.conv_a = ReLUConvBN(cin, cout, 3, 2, 1, True, key=ka)
-        self.conv_b = ReLUConvBN(cout, cout, 3, 1, 1, True, key=kb)
+        self.conv_a = ReLUConvBN(cin, cout, 3, 2, 1, norm, key=ka)
+        self.conv_b = ReLUConvBN(cout, cout, 3, 1, 1, norm, key=kb)
         self.shortcut = _uniform(ks, (cin, cout), cin)  # a 1x1 conv's kernel, PyTorch's init
 
-    def __call__(self, x: Images) -> Output:
+    def __call__(self, s0, x: Images, weights=None, state=None, drop: DropPath | None = None):
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            raise ValueError(f"NB201 reduction needs even height and width, got {x.shape[1]}x{x.shape[2]}")
         pooled = einops.reduce(x, "b (h 2) (w 2) c -> b h w c", "mean")
-        return self.conv_b(self.conv_a(x)) + pointwise_conv(pooled, self.shortcut)
+        y, state = self.conv_a(x, state)
+        y, state = self.conv_b(y, state)
+        return y + pointwise_conv(pooled, self.shortcut), state
 
 
-class NB201Network(eqx.Module):
+_AFFINE_SEARCH_NORM = Normalisation(running=False, affine=True)  # the residual blocks' and head's BN
+
+
+def supernet(
+    channels: int = 16, cells: int = 5, num_classes: int = 10, in_channels: int = 3, *, key: PRNGKeyArray
+) -> CellNetwork:
     """The NAS-Bench-201 supernet (see the module docstring); `cells` is N per stage."""
+    if channels < 1 or cells < 1:
+        raise ValueError(f"channels (={channels}) and cells (={cells}) must be positive")
+    k_stem, k_cells, k_red, k_cls, k_alpha = jax.random.split(key, 5)
+    widths = (channels, 2 * channels, 4 * channels)
+    stages = []
+    for width, k in zip(widths, jax.random.split(k_cells, 3)):
+        built = [NB201Cell(width, key=kc) for kc in jax.random.split(k, cells)]
+        stages.append(NB201Stage(jax.tree.map(lambda *xs: jnp.stack(xs), *built)))
+    reductions = [
+        ResidualReduction(a, b, _AFFINE_SEARCH_NORM, key=k)
+        for a, b, k in zip(widths[:-1], widths[1:], jax.random.split(k_red, 2))
+    ]
+    blocks = (stages[0], reductions[0], stages[1], reductions[1], stages[2])
+    return CellNetwork(
+        Stem(in_channels, channels, SEARCH_NORM, key=k_stem),
+        blocks,
+        Head(widths[-1], num_classes, _AFFINE_SEARCH_NORM, key=k_cls),
+        None,
+        Architecture({"cell": ArchLogits.init(len(EDGES), len(NB201_SPACE.op_names), key=k_alpha)}),
+        "nb201",
+        ("cell", None, "cell", None, "cell"),
+    )
 
-    stem: Stem
-    stages: tuple[NB201Cell, ...]  # each: N cells stacked along a leading axis
-    reductions: tuple[ResidualReduction, ...]
-    last_norm: BatchNorm
-    classifier: eqx.nn.Linear
-    alpha: ArchLogits
 
-    def __init__(
-        self, channels: int = 16, cells: int = 5, num_classes: int = 10, in_channels: int = 3, *, key: PRNGKeyArray
-    ):
-        if channels < 1 or cells < 1:
-            raise ValueError(f"channels (={channels}) and cells (={cells}) must be positive")
-        k_stem, k_cells, k_red, k_cls, k_alpha = jax.random.split(key, 5)
-        self.stem = Stem(in_channels, channels, key=k_stem)
+def network(
+    genotype: "NB201Genotype", channels: int = 16, cells: int = 5, num_classes: int = 10, in_channels: int = 3, *, key
+):
+    """`(network, state)`: `genotype` as the benchmark's network to train from scratch (running
+    batch-norm statistics)."""
+    if channels < 1 or cells < 1:
+        raise ValueError(f"channels (={channels}) and cells (={cells}) must be positive")
+
+    def build(*, key):
+        k_stem, k_cells, k_red, k_cls = jax.random.split(key, 4)
         widths = (channels, 2 * channels, 4 * channels)
-        stages = []
-        for width, k in zip(widths, jax.random.split(k_cells, 3)):
-            built = [NB201Cell(width, key=kc) for kc in jax.random.split(k, cells)]
-            stages.append(jax.tree.map(lambda *xs: jnp.stack(xs), *built))
-        self.stages = tuple(stages)
-        self.reductions = tuple(
-            ResidualReduction(a, b, key=k) for a, b, k in zip(widths[:-1], widths[1:], jax.random.split(k_red, 2))
-        )
-        self.last_norm = BatchNorm(widths[-1], affine=True)
-        self.classifier = eqx.nn.Linear(widths[-1], num_classes, key=k_cls)
-        self.alpha = ArchLogits.init(len(EDGES), len(NB201_SPACE.op_names), key=k_alpha)
-
-    def __call__(self, x: Images):
-        h = self.stem(x)
-        weights = self.alpha.weights()
-        for s, stage in enumerate(self.stages):
+        blocks = []
+        for s, (width, k) in enumerate(zip(widths, jax.random.split(k_cells, 3))):
             if s:
-                if h.shape[1] % 2 or h.shape[2] % 2:
-                    raise ValueError(f"NB201 reduction needs even height and width, got {h.shape[1]}x{h.shape[2]}")
-                h = self.reductions[s - 1](h)
-            dynamic, static = eqx.partition(stage, eqx.is_array)
-            h, _ = lax.scan(lambda h, d: (eqx.combine(d, static)(h, weights), None), h, dynamic)
-        return classify(self.classifier, jax.nn.relu(self.last_norm(h)))
+                blocks.append(ResidualReduction(widths[s - 1], width, EVAL_NORM, key=jax.random.fold_in(k_red, s)))
+            for kc in jax.random.split(k, cells):
+                keys = jax.random.split(kc, len(EDGES))
+                ops = tuple(
+                    None if op == "none" else NB201_SPACE.make_op(op, width, 1, EVAL_NORM, key=ke)
+                    for op, ke in zip(genotype.ops, keys)
+                )
+                blocks.append(DiscreteNB201Cell(ops))
+        return CellNetwork(
+            Stem(in_channels, channels, EVAL_NORM, key=k_stem),
+            tuple(blocks),
+            Head(widths[-1], num_classes, EVAL_NORM, key=k_cls),
+            None,
+            None,
+            "nb201",
+            (None,) * len(blocks),
+            genotype=genotype,
+        )
+
+    return eqx.nn.make_with_state(build)(key=key)
+
+
+def _discretize(supernet: CellNetwork, genotype: "NB201Genotype") -> CellNetwork:
+    blocks = []
+    for block in supernet.cells:
+        if not isinstance(block, NB201Stage):
+            blocks.append(block)
+            continue
+        n = jax.tree.leaves(block.cells)[0].shape[0]
+        for c in range(n):
+            cell = jax.tree.map(lambda x, c=c: x[c] if eqx.is_array(x) else x, block.cells)
+            ops = tuple(
+                None if op == "none" else mixed.ops[NB201_SPACE.op_names.index(op)]
+                for op, mixed in zip(genotype.ops, cell.edges)
+            )
+            blocks.append(DiscreteNB201Cell(ops))
+    return CellNetwork(
+        supernet.stem, tuple(blocks), supernet.head, None, None, "nb201", (None,) * len(blocks), genotype=genotype
+    )
 
 
 @dataclass(frozen=True)
@@ -168,10 +256,54 @@ class NB201Genotype:
         return cls.parse(obj["arch"])
 
 
-def derive_nb201_genotype(model: NB201Network) -> NB201Genotype:
+def derive_nb201_genotype(model: CellNetwork) -> "NB201Genotype":
     """The strongest op of each edge (`none` included: the benchmark has cells without some edges)."""
-    weights = np.asarray(model.alpha.weights())
+    weights = np.asarray(model.arch.alpha["cell"].weights())
+    if not np.all(np.isfinite(weights)):
+        raise ValueError("cannot derive a genotype from non-finite alpha")
     return NB201Genotype(tuple(NB201_SPACE.op_names[int(i)] for i in weights.argmax(axis=1)))
+
+
+class NB201Topology(Topology):
+    """NAS-Bench-201's macro network and cell (see the module docstring); `layers` is the number
+    of cells per stage. Its genotype is an `NB201Genotype`."""
+
+    default_layers = 5  # the benchmark's cells per stage
+
+    def reductions(self, config) -> int:
+        return 2
+
+    def supernet(self, space, config, image_shape, num_classes, *, key):
+        return supernet(config.channels, config.layers, num_classes, image_shape[2], key=key)
+
+    def derive(self, space, supernet):
+        return derive_nb201_genotype(supernet)
+
+    def discretize(self, space, supernet, genotype):
+        return _discretize(supernet, genotype)
+
+    def network(self, space, genotype, channels, layers, num_classes, in_channels, auxiliary, *, key):
+        # the benchmark's network has no auxiliary head: `auxiliary` is ignored
+        return network(genotype, channels, layers, num_classes, in_channels, key=key)
+
+    def genotype_from_json(self, space, obj):
+        return NB201Genotype.from_json(obj)
+
+
+NB201_SPACE = register_space(
+    space(
+        "nb201",
+        NB201_OPS,
+        {
+            "none": zero,
+            "skip_connect": skip,
+            "nor_conv_1x1": relu_conv_bn(1),
+            "nor_conv_3x3": relu_conv_bn(3),
+            "avg_pool_3x3": pool("avg", normalised_in_search=False),
+        },
+        NB201Topology(),
+    )
+)
 
 
 _COLUMNS = {

@@ -28,7 +28,7 @@ OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, prog
 
 def summary(result):
     return {
-        "alpha": np.asarray(result.supernet.alpha.logits).tolist(),
+        "alpha": np.asarray(result.supernet.arch.alpha["cell"].logits).tolist(),
         "history": result.history,
         "genotype": result.genotype.to_json(),
     }

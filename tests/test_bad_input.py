@@ -139,7 +139,7 @@ def test_cli_rejects_malformed_npz_data(case):
 
 
 BAD_ARGUMENTS = [
-    (["--space", "transformers"], r"argument --space: invalid choice: 'transformers'"),
+    (["--space", "transformers"], r"unknown search space 'transformers'; known: \('darts', 'seed', 'nb201'"),
     (["--epochs", "x"], r"argument --epochs: invalid int value: 'x'"),
     (["--epochs", "0"], r"`epochs` \(=0\) must be a positive integer"),
     (["--channels", "-3"], r"`channels` \(=-3\) must be a positive integer"),

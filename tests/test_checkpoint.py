@@ -115,7 +115,9 @@ def test_a_checkpoint_resumes_under_another_execution(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "step-000000012")
     other = dx.search(jax.random.key(KEY), DATA, resume=True, execution=dx.Execution(shared_trace=False), **options)
     assert other.execution.shared_trace is False and len(other.history) == len(full.history)
-    np.testing.assert_allclose(other.supernet.alpha.logits, full.supernet.alpha.logits, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        other.supernet.arch.alpha["cell"].logits, full.supernet.arch.alpha["cell"].logits, rtol=1e-4, atol=1e-6
+    )
     for a, b in zip(other.history, full.history):
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
 

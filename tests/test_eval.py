@@ -13,7 +13,8 @@ from helpers import tiny_arrays
 
 import darts_eqx as dx
 from darts_eqx._cli import main
-from darts_eqx._eval import _drop_path, eval_op
+from darts_eqx._norm import EVAL_NORM, BatchNorm, Normalisation
+from darts_eqx._skeleton import DropPath
 from darts_eqx._train import augment
 
 V2 = dx.GENOTYPES["DARTS_V2"]
@@ -22,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_darts_v2_has_the_originals_parameter_count():
     # DARTS' train.py reports 3.349342 MB for DARTS_V2, C=36, 20 layers, auxiliary head excluded
-    network, _ = dx.make_eval_network(V2, 36, 20, 10, 3, auxiliary=True, key=jax.random.key(0))
+    network, _ = dx.darts_network(V2, 36, 20, 10, 3, auxiliary=True, key=jax.random.key(0))
     assert dx.count_parameters(network) == 3_349_342
     assert dx.count_parameters(network, auxiliary=True) > 3_349_342
 
@@ -44,11 +45,11 @@ def Genotype_roundtrips(genotype) -> bool:
 @pytest.mark.parametrize("stride", [1, 2])
 def test_training_mode_ops_compute_the_search_ops(name, stride, getkey):
     key, x = getkey(), jax.random.normal(getkey(), (4, 8, 8, 6))
-    search_op = dx.DARTS_SPACE.constructors[dx.DARTS_SPACE.op_names.index(name)](6, stride, True, key)
-    op = eval_op(name, 6, stride, key=key)
-    state = eqx.nn.State(op)
-    y, _ = op(x, state, True)
-    np.testing.assert_allclose(y, search_op(x), rtol=1e-5, atol=1e-5)
+    # the same op built with the search's batch norm (made affine) and the evaluation network's
+    search_op = dx.DARTS_SPACE.make_op(name, 6, stride, Normalisation(running=False, affine=True), key=key)
+    op = dx.DARTS_SPACE.make_op(name, 6, stride, EVAL_NORM, key=key)
+    y, _ = op(x, eqx.nn.State(op))
+    np.testing.assert_allclose(y, search_op(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def fresh(state):
@@ -59,7 +60,7 @@ def fresh(state):
 
 @pytest.fixture(scope="module")
 def small():
-    network, state = dx.make_eval_network(V2, 4, 3, 5, 1, auxiliary=True, key=jax.random.key(1))
+    network, state = dx.darts_network(V2, 4, 3, 5, 1, auxiliary=True, key=jax.random.key(1))
     return network, state
 
 
@@ -68,7 +69,7 @@ def test_running_statistics_make_inference_independent_of_the_batch(small):
     x = jax.random.normal(jax.random.key(2), (6, 32, 32, 1))
     logits, aux, new_state = network(x, fresh(state), train=True, drop_prob=0.0)
     assert logits.shape == (6, 5) and aux.shape == (6, 5)
-    mean, var = new_state.get(network.stem_norm.index)
+    mean, var = new_state.get(network.stem.norm.index)
     assert not np.allclose(mean, 0.0) and not np.allclose(var, 1.0)  # moved towards the batch statistics
     one, none_aux, _ = network(x[:1], fresh(new_state), train=False)
     many, _, _ = network(x, fresh(new_state), train=False)
@@ -86,7 +87,7 @@ def test_auxiliary_head_needs_a_5x5_map(small):
 
 def test_drop_path_drops_whole_samples_and_rescales():
     x = jnp.ones((4000, 2, 2, 3))
-    y = np.asarray(_drop_path(x, 0.3, jax.random.key(0)))
+    y = np.asarray(DropPath(0.3, jax.random.key(0))(x, jax.random.key(0)))
     kept = y.reshape(4000, -1)
     per_sample = np.unique(kept, axis=1)
     assert per_sample.shape[1] == 1  # a sample is dropped or kept whole
@@ -174,7 +175,7 @@ def test_training_bad_input_is_clear():
     with pytest.raises(ValueError, match=r"unknown training option\(s\) \['colour'\]"):
         dx.train(jax.random.key(0), V2, "digits", colour="red")
     with pytest.raises(ValueError, match="darts-space genotype"):
-        dx.make_eval_network(dx.Genotype((("conv_3x3", 0),), (1,), (), (), "seed"), 4, 3, 2, key=jax.random.key(0))
+        dx.darts_network(dx.Genotype((("conv_3x3", 0),), (1,), (), (), "seed"), 4, 3, 2, key=jax.random.key(0))
 
 
 def test_drop_path_and_auxiliary_head_act_in_training_only_and_inference_is_deterministic(small):
@@ -195,7 +196,7 @@ def test_genotype_and_layout_errors_come_before_compiling():
     with pytest.raises(ValueError, match=r"pair 0 \('sep_conv_3x3', 5\) feeds node 0, whose inputs are 0..1"):
         dx.Genotype((("sep_conv_3x3", 5),) + V2.normal[1:], V2.normal_concat, V2.reduce, V2.reduce_concat)
     with pytest.raises(ValueError, match=r"layers \(=1\) must be an integer >= 2"):
-        dx.make_eval_network(V2, 4, 1, 3, key=jax.random.key(0))
+        dx.darts_network(V2, 4, 1, 3, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"images of 6x6 cannot pass 2 reduction cells"):
         dx.train(jax.random.key(0), V2, tiny_arrays(n=32, size=6) + tiny_arrays(n=8, size=6), layers=3, batch_size=8)
 
@@ -206,3 +207,27 @@ def test_graphviz_source_names_every_edge_and_op():
     source = _dot_source(V2, "normal")
     assert source.count('label="') == 8 and source.count('-> "c_{k}"') == 4
     assert '"c_{k-2}" -> "0" [label="sep_conv_3x3"' in source and '"0" -> "3" [label="dil_conv_3x3"' in source
+
+
+def test_train_fine_tunes_what_discretize_returns(tmp_path):
+    supernet = dx.darts_supernet(4, 3, 3, 1, key=jax.random.key(0))
+    discrete = dx.discretize(supernet)
+    x, y = tiny_arrays(n=64)
+    xt, yt = tiny_arrays(n=32, seed=1)
+    data = dx.data.from_arrays(x, y, xt, yt)
+    result = dx.train(jax.random.key(1), discrete, data, epochs=1, batch_size=16, progress=False)
+    assert not result.from_genotype and result.model.genotype == discrete.genotype
+    # the same network, its weights moved from the supernet's, its norms now keeping statistics
+    assert dx.count_parameters(result.model) == dx.count_parameters(discrete) + 2 * sum(
+        n.channels
+        for n in jax.tree.leaves(discrete, is_leaf=lambda n: isinstance(n, BatchNorm))
+        if isinstance(n, BatchNorm) and n.weight is None
+    )
+    before, after = (eqx.filter(m.cells[0].preprocess1.conv.weight, eqx.is_array) for m in (discrete, result.model))
+    assert not np.allclose(before, after)
+    logits, _, _ = result.model(jnp.asarray(data.x_test), result.state)
+    assert float(np.mean(np.argmax(logits, -1) == data.y_test)) == pytest.approx(result.history[-1]["test_acc"])
+    with pytest.raises(ValueError, match="discretize the supernet first"):
+        dx.train(jax.random.key(1), supernet, data, epochs=1, batch_size=16)
+    with pytest.raises(ValueError, match="fine-tuned from a discretised supernet"):
+        dx.save_trained(tmp_path, result, 3, 1)

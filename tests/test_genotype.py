@@ -100,7 +100,7 @@ assert not loaded, loaded
 
 
 def test_a_registered_space_makes_its_genotypes_valid():
-    def never_built(c, s, affine, key):
+    def never_built(c, s, norm, key):
         raise AssertionError("a genotype never builds ops")
 
     def genotype(*pairs):

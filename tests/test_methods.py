@@ -77,5 +77,5 @@ def test_a_users_method_runs_in_search_and_selects_the_genotype():
     mine = dx.search(jax.random.key(0), data, method=methods.chain(tempered(0.5), push_down), **options)
     assert mine.genotype == chosen and mine.network.genotype == chosen
     steps = len(plain.history) * 2  # 64 images, half for alpha, batch 16: 2 steps
-    moved = np.asarray(plain.supernet.alpha.logits - mine.supernet.alpha.logits)[0, 1]
+    moved = np.asarray(plain.supernet.arch.alpha["cell"].logits - mine.supernet.arch.alpha["cell"].logits)[0, 1]
     assert moved > 0.5 * steps * plain.config.a_lr

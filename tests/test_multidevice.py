@@ -101,7 +101,7 @@ def test_two_processes_on_localhost_compute_the_one_device_search(tmp_path):
         progress=False,
     )
     reference = {
-        "alpha": np.asarray(single.supernet.alpha.logits).tolist(),
+        "alpha": np.asarray(single.supernet.arch.alpha["cell"].logits).tolist(),
         "history": single.history,
         "genotype": single.genotype.to_json(),
     }

@@ -36,26 +36,27 @@ def test_architecture_strings_round_trip_and_bad_ones_are_named():
 
 
 def test_genotype_is_the_argmax_of_each_edge_none_included(getkey):
-    model = nb201.NB201Network(2, 1, 3, 1, key=getkey())
+    model = nb201.supernet(2, 1, 3, 1, key=getkey())
     logits = np.zeros((6, 5), np.float32)
     for edge, op in enumerate(["none", "nor_conv_3x3", "skip_connect", "avg_pool_3x3", "nor_conv_1x1", "none"]):
         logits[edge, dx.NB201_SPACE.op_names.index(op)] = 1.0
-    model = eqx.tree_at(lambda m: m.alpha.logits, model, jnp.asarray(logits))
+    model = eqx.tree_at(lambda m: m.arch.alpha["cell"].logits, model, jnp.asarray(logits))
     genotype = dx.derive_genotype(model)
     assert str(genotype) == "|none~0|+|nor_conv_3x3~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|none~2|"
 
 
 def test_stage_scan_equals_applying_each_cell(getkey):
-    model = nb201.NB201Network(3, 2, 4, 1, key=getkey())
+    model = nb201.supernet(3, 2, 4, 1, key=getkey())
     x = jax.random.normal(getkey(), (4, 8, 8, 1))
-    weights = model.alpha.weights()
-    h = model.stem(x)
-    for s, stage in enumerate(model.stages):
-        if s:
-            h = model.reductions[s - 1](h)
+    weights = model.arch.alpha["cell"].weights()
+    h, _ = model.stem(x)
+    for block in model.cells:
+        if not isinstance(block, nb201.NB201Stage):
+            h, _ = block(None, h)
+            continue
         for c in range(2):  # the c-th cell, unstacked
-            h = jax.tree.map(lambda leaf: leaf[c] if eqx.is_array(leaf) else leaf, stage)(h, weights)
-    logits = jax.vmap(model.classifier)(jnp.mean(jax.nn.relu(model.last_norm(h)), axis=(1, 2)))
+            h = jax.tree.map(lambda leaf: leaf[c] if eqx.is_array(leaf) else leaf, block.cells)(h, weights)
+    logits, _ = model.head(h)
     np.testing.assert_allclose(model(x), logits, rtol=1e-5, atol=1e-5)
     assert model(x).shape == (4, 4)
 
@@ -110,8 +111,8 @@ class Scale(eqx.Module):
 
     weight: jax.Array
 
-    def __call__(self, x):
-        return x * self.weight[None, None, None, :]
+    def __call__(self, x, state=None):
+        return x * self.weight[None, None, None, :], state
 
 
 def test_a_custom_space_searches_with_the_same_machinery(getkey):
@@ -120,9 +121,9 @@ def test_a_custom_space_searches_with_the_same_machinery(getkey):
             "scale_or_pool",
             ("none", "scale", "avg_pool_3x3"),
             (
-                lambda c, s, affine, key: dx.DARTS_SPACE.make_op("none", c, s, affine, key=key),
-                lambda c, s, affine, key: Scale(jnp.full((c,), 0.5)),
-                lambda c, s, affine, key: dx.SEED_SPACE.make_op("avg_pool_3x3", c, s, affine, key=key),
+                lambda c, s, norm, key: dx.DARTS_SPACE.make_op("none", c, s, norm, key=key),
+                lambda c, s, norm, key: Scale(jnp.full((c,), 0.5)),
+                lambda c, s, norm, key: dx.SEED_SPACE.make_op("avg_pool_3x3", c, s, norm, key=key),
             ),
         )
     )
@@ -134,14 +135,14 @@ def test_a_custom_space_searches_with_the_same_machinery(getkey):
         progress=False,
     )  # fmt: skip
     assert result.genotype.space == "scale_or_pool" and result.genotype.normal[0][0] in ("scale", "avg_pool_3x3")
-    assert np.asarray(result.supernet.alpha.logits).shape == (1, 3)
+    assert np.asarray(result.supernet.arch.alpha["cell"].logits).shape == (1, 3)
     x = jnp.asarray(tiny_arrays(n=8)[0])
     np.testing.assert_allclose(result.network(x), dx.discretize(result.supernet)(x), rtol=1e-6)
 
 
 class Widen(eqx.Module):
-    def __call__(self, x):
-        return jnp.concatenate([x, x], axis=-1)
+    def __call__(self, x, state=None):
+        return jnp.concatenate([x, x], axis=-1), state
 
 
 def test_a_custom_op_that_changes_the_shape_is_named_before_compiling():
@@ -150,8 +151,8 @@ def test_a_custom_op_that_changes_the_shape_is_named_before_compiling():
             "widening",
             ("skip_connect", "widen"),
             (
-                lambda c, s, affine, key: dx.SEED_SPACE.make_op("skip_connect", c, s, affine, key=key),
-                lambda c, s, affine, key: Widen(),
+                lambda c, s, norm, key: dx.SEED_SPACE.make_op("skip_connect", c, s, norm, key=key),
+                lambda c, s, norm, key: Widen(),
             ),
         )
     )

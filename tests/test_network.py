@@ -19,7 +19,7 @@ def test_weight_count_matches_original():
     # The original DARTS search model at C=16, layers=8, 10 classes reports 1,930,618 weights.
     # The fused cells store each source group's ops stacked, nodes padded with zero edges: the
     # count is of each source's own ops (`per_source_view`), and the padding holds only zeros.
-    net = dx.SearchNetwork(16, 8, 10, 3, key=jax.random.key(0))
+    net = dx.darts_supernet(16, 8, 10, 3, key=jax.random.key(0))
     arch, weights, _ = dx.split_arch(net)
     assert sum(x.size for x in jax.tree.leaves(per_source_view(weights))) == 1_930_618
     stored = sum(x.size for x in jax.tree.leaves(weights))
@@ -28,16 +28,16 @@ def test_weight_count_matches_original():
         int(jnp.count_nonzero(x)) for x in jax.tree.leaves(per_source_view(weights))
     )
     assert [x.shape for x in jax.tree.leaves(arch)] == [(14, 8), (14, 8)]
-    plain = dx.SearchNetwork(16, 8, 10, 3, fused=False, key=jax.random.key(0))
+    plain = dx.darts_supernet(16, 8, 10, 3, fused=False, key=jax.random.key(0))
     assert sum(x.size for x in jax.tree.leaves(dx.split_arch(plain)[1])) == 1_930_618
 
 
 def test_alpha_is_small_gaussian_and_split_is_by_type(getkey):
-    net = dx.SearchNetwork(4, 3, 10, 1, key=getkey())
+    net = dx.darts_supernet(4, 3, 10, 1, key=getkey())
     arch, weights, static = dx.split_arch(net)
     leaves = jax.tree.leaves(arch, is_leaf=dx.is_arch)
     assert all(isinstance(x, dx.ArchLogits) for x in leaves) and len(leaves) == 2
-    assert float(jnp.abs(net.alpha_normal.logits).max()) < 1e-2
+    assert float(jnp.abs(net.arch.alpha["normal"].logits).max()) < 1e-2
     assert not any(isinstance(x, dx.ArchLogits) for x in jax.tree.leaves(weights, is_leaf=dx.is_arch))
     back = dx.combine_arch(arch, weights, static)
     assert tree_allclose(eqx.filter(back, eqx.is_array), eqx.filter(net, eqx.is_array), rtol=0, atol=0)
@@ -46,17 +46,17 @@ def test_alpha_is_small_gaussian_and_split_is_by_type(getkey):
 
 def test_bad_sizes_are_clear_errors(getkey):
     with pytest.raises(ValueError, match=r"`channels` \(=0\)"):
-        dx.SearchNetwork(0, 3, 10, 1, key=getkey())
+        dx.darts_supernet(0, 3, 10, 1, key=getkey())
     with pytest.raises(ValueError, match=r"`num_classes` \(=1\)"):
-        dx.SearchNetwork(4, 3, 1, 1, key=getkey())
+        dx.darts_supernet(4, 3, 1, 1, key=getkey())
 
 
 @pytest.fixture(scope="module")
 def tiny_pair():
     """A fused supernet with non-trivial alpha and its per-edge reference (same weights)."""
-    net = dx.SearchNetwork(4, 3, 5, 1, key=jax.random.key(7))
+    net = dx.darts_supernet(4, 3, 5, 1, key=jax.random.key(7))
     net = eqx.tree_at(
-        lambda m: (m.alpha_normal.logits, m.alpha_reduce.logits),
+        lambda m: (m.arch.alpha["normal"].logits, m.arch.alpha["reduce"].logits),
         net,
         (jax.random.normal(jax.random.key(8), (14, 8)), jax.random.normal(jax.random.key(9), (14, 8))),
     )
@@ -117,7 +117,7 @@ def test_fused_source_gradients_match_per_edge_mixed_ops(getkey, stride, edges, 
 
 
 def test_single_node_cells_match_per_edge_cells(getkey):
-    net = dx.SearchNetwork(4, 2, 5, 1, steps=1, multiplier=1, key=getkey())
+    net = dx.darts_supernet(4, 2, 5, 1, steps=1, multiplier=1, key=getkey())
     ref = eqx.tree_at(lambda m: m.cells, net, tuple(c.reference() for c in net.cells))
     x = random_images(getkey(), n=8)
     forward = eqx.filter_jit(lambda m, x: m(x))

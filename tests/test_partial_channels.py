@@ -9,6 +9,7 @@ import pytest
 from helpers import conv_impl, random_images
 
 import darts_eqx as dx
+from darts_eqx._cell import PartialChannelOp
 from darts_eqx._mixed import EdgeLogits, channel_shuffle, partial_channel_bypass
 
 
@@ -37,10 +38,15 @@ def test_edge_weights_normalise_per_node(getkey):
 
 @pytest.fixture(scope="module")
 def pc_pair():
-    net = dx.SearchNetwork(4, 3, 5, 1, partial_channels=2, key=jax.random.key(7))
+    net = dx.darts_supernet(4, 3, 5, 1, partial_channels=2, key=jax.random.key(7))
     keys = jax.random.split(jax.random.key(8), 4)
     net = eqx.tree_at(
-        lambda m: (m.alpha_normal.logits, m.alpha_reduce.logits, m.beta_normal.logits, m.beta_reduce.logits),
+        lambda m: (
+            m.arch.alpha["normal"].logits,
+            m.arch.alpha["reduce"].logits,
+            m.arch.beta["normal"].logits,
+            m.arch.beta["reduce"].logits,
+        ),
         net,
         (
             jax.random.normal(keys[0], (14, 8)),
@@ -58,7 +64,7 @@ def test_partial_channel_supernet_shapes_and_arch_leaves(pc_pair):
     arch, weights, _ = dx.split_arch(net)
     assert sorted(x.shape for x in jax.tree.leaves(arch)) == [(14,), (14,), (14, 8), (14, 8)]
     # ops are 1/2 as wide: far fewer weights than the plain supernet of the same size
-    plain = dx.SearchNetwork(4, 3, 5, 1, key=jax.random.key(7))
+    plain = dx.darts_supernet(4, 3, 5, 1, key=jax.random.key(7))
     n_pc = sum(x.size for x in jax.tree.leaves(weights))
     n_plain = sum(x.size for x in jax.tree.leaves(dx.split_arch(plain)[1]))
     assert n_pc < 0.6 * n_plain
@@ -74,7 +80,7 @@ def test_fused_partial_channel_cells_compute_the_per_edge_cells(pc_pair):
         want = forward(ref, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # the edge weights matter: other betas give another function
-    other = eqx.tree_at(lambda m: m.beta_normal.logits, net, -net.beta_normal.logits)
+    other = eqx.tree_at(lambda m: m.arch.beta["normal"].logits, net, -net.arch.beta["normal"].logits)
     assert float(jnp.abs(forward(other, x) - got).max()) > 1e-4
 
 
@@ -87,23 +93,26 @@ def test_genotype_ranks_edges_by_alpha_times_beta(pc_pair):
     beta[4] = 3.0  # node 1: edge from node 0 (state 2) is strongest
     beta[3] = -3.0  # node 1: edge from state 1 is weakest
     net = eqx.tree_at(
-        lambda m: (m.alpha_normal.logits, m.beta_normal.logits), net, (jnp.asarray(alpha), jnp.asarray(beta))
+        lambda m: (m.arch.alpha["normal"].logits, m.arch.beta["normal"].logits),
+        net,
+        (jnp.asarray(alpha), jnp.asarray(beta)),
     )
     g = dx.derive_genotype(net)
     assert [i for _, i in g.normal[2:4]] == [2, 0]
-    with pytest.raises(ValueError, match="partial-channel"):
-        dx.discretize(net, g)
+    # discretised, each kept edge keeps its narrow op and the channels that bypass it
+    discrete = dx.discretize(net, g)
+    assert all(isinstance(op, PartialChannelOp) and op.partial_channels == 2 for op in discrete.cells[0].ops)
 
 
 def test_partial_channel_config_errors():
     with pytest.raises(ValueError, match=r"`partial_channels` \(=3\) must be a positive divisor of `channels` \(=8\)"):
         dx.SearchConfig(channels=8, partial_channels=3)
-    with pytest.raises(ValueError, match="darts space"):
+    with pytest.raises(ValueError, match="needs a space whose cells take partial channels"):
         dx.SearchConfig(space="seed", partial_channels=2)
     with pytest.raises(ValueError, match=r"`partial_channels` \(=0\) must be a positive divisor"):
         dx.SearchConfig(partial_channels=0)
     with pytest.raises(ValueError, match="must divide"):
-        dx.SearchNetwork(6, 3, 5, 1, partial_channels=4, key=jax.random.key(0))
+        dx.darts_supernet(6, 3, 5, 1, partial_channels=4, key=jax.random.key(0))
 
 
 def test_partial_channel_search_runs_and_records_edge_weights():
@@ -118,7 +127,9 @@ def test_partial_channel_search_runs_and_records_edge_weights():
         partial_channels=2,
         progress=False,
     )
-    assert r.network is None and r.genotype == dx.derive_genotype(r.supernet)
+    assert r.network.genotype == r.genotype == dx.derive_genotype(r.supernet)
+    x = jnp.zeros((2, 8, 8, 1))
+    assert np.all(np.isfinite(r.network(x))) and r.network(x).shape == (2, 10)
     beta = np.asarray(r.history[0]["beta_normal"])
     assert beta.shape == (14,) and np.isclose(beta[:2].sum(), 1.0, atol=1e-5)
     # beta is trained: its weights move between epochs

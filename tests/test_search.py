@@ -50,7 +50,7 @@ def test_darts_search_returns_genotype_supernet_network_history(darts_result):
     assert r.history[0]["lr"] == pytest.approx(r.config.w_lr)
     assert r.history[1]["lr"] < r.history[0]["lr"]
     # 4 steps of alpha Adam moved alpha away from its 1e-3-scale init
-    assert float(jnp.abs(r.supernet.alpha_reduce.logits).max()) > 1e-3
+    assert float(jnp.abs(r.supernet.arch.alpha["reduce"].logits).max()) > 1e-3
     assert r.genotype == dx.derive_genotype(r.supernet)
     # the cells' zero-padded edges (stored stacked) stay zero through the steps: their outputs
     # have zero mixing weights, so their gradients, decay and momentum are zero too
@@ -60,7 +60,7 @@ def test_darts_search_returns_genotype_supernet_network_history(darts_result):
     stored, unpadded = (sum(x.size for x in jax.tree.leaves(t)) for t in (weights, per_source_view(weights)))
     assert sum(nonzero) == sum(own) and stored > unpadded
     assert len(r.genotype.normal) == 8 and all(op != "none" for op, _ in r.genotype.normal + r.genotype.reduce)
-    assert isinstance(r.network, dx.DiscreteNetwork) and r.network.genotype == r.genotype
+    assert isinstance(r.network, dx.CellNetwork) and r.network.arch is None and r.network.genotype == r.genotype
     # digits, 10 classes: after 8 steps the alpha-step batches are classified far above chance
     assert r.history[-1]["val_acc"] > 0.2
 
@@ -90,9 +90,9 @@ def test_same_key_same_search_and_other_key_differs():
     np.random.seed(2)  # the data order comes from the key, not from NumPy's global state
     b = dx.search(jax.random.key(5), data, **options)
     c = dx.search(jax.random.key(6), data, **options)
-    assert np.array_equal(a.supernet.alpha.logits, b.supernet.alpha.logits)
+    assert np.array_equal(a.supernet.arch.alpha["cell"].logits, b.supernet.arch.alpha["cell"].logits)
     assert a.history == b.history and a.genotype == b.genotype
-    assert not np.array_equal(a.supernet.alpha.logits, c.supernet.alpha.logits)
+    assert not np.array_equal(a.supernet.arch.alpha["cell"].logits, c.supernet.arch.alpha["cell"].logits)
 
 
 def test_divergence_stops_the_search_with_a_message():
@@ -214,7 +214,9 @@ def test_shared_trace_search_is_the_same_search(monkeypatch):
     assert not traced
     shared = dx.search(jax.random.key(3), data, execution=dx.Execution(shared_trace=True), **options)
     assert traced and shared.execution.shared_trace
-    np.testing.assert_allclose(shared.supernet.alpha.logits, plain.supernet.alpha.logits, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        shared.supernet.arch.alpha["cell"].logits, plain.supernet.arch.alpha["cell"].logits, rtol=1e-4, atol=1e-6
+    )
     assert len(shared.history) == len(plain.history) == 2
     for a, b in zip(shared.history, plain.history):
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)

@@ -29,7 +29,7 @@ def tiny_problem(dtype):
     model = build_supernet(config, (6, 6, 1), 3, key=jax.random.key(0))
     model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
     # alpha away from uniform, so that the ops' weights differ
-    model = eqx.tree_at(lambda m: m.alpha.logits, model, jnp.asarray([[0.3, -0.2, 0.5, 0.1, -0.4]], dtype))
+    model = eqx.tree_at(lambda m: m.arch.alpha["cell"].logits, model, jnp.asarray([[0.3, -0.2, 0.5, 0.1, -0.4]], dtype))
     arch, weights, static = dx.split_arch(model)
     x, y = tiny_arrays(n=16, size=6)
     train = jnp.asarray(x[:8], dtype), jnp.asarray(y[:8])
@@ -46,12 +46,12 @@ def test_exact_estimator_matches_a_central_difference_of_the_unrolled_objective(
 
         @jax.jit
         def unrolled(logits):
-            a = eqx.tree_at(lambda t: t.alpha.logits, arch, logits)
+            a = eqx.tree_at(lambda t: t.arch.alpha["cell"].logits, arch, logits)
             return supernet_loss(a, virtual_step(weights, a, static, train, **step), static, *val)[0]
 
         _, exact = jax.jit(lambda a: dx.arch_gradient(a, weights, static, train, val, **step))(arch)
-        exact = np.asarray(exact.alpha.logits).ravel()
-        logits, h = arch.alpha.logits, 1e-4
+        exact = np.asarray(exact.arch.alpha["cell"].logits).ravel()
+        logits, h = arch.arch.alpha["cell"].logits, 1e-4
         central = np.array(
             [
                 (unrolled(logits.at[0, i].add(h)) - unrolled(logits.at[0, i].add(-h))) / (2 * h)
@@ -63,7 +63,7 @@ def test_exact_estimator_matches_a_central_difference_of_the_unrolled_objective(
         _, first = jax.value_and_grad(supernet_loss, has_aux=True)(
             arch, virtual_step(weights, arch, static, train, **step), static, *val
         )
-        first = np.asarray(first.alpha.logits).ravel()
+        first = np.asarray(first.arch.alpha["cell"].logits).ravel()
         assert np.linalg.norm(first - exact) > 1e-3 * np.linalg.norm(exact)
 
 
@@ -142,7 +142,9 @@ def test_second_order_search_runs_in_one_compiled_chunk():
     first = dx.search(jax.random.key(5), data, **options)
     second = dx.search(jax.random.key(5), data, order=2, **options)  # 3 chunks x 2 epochs, one trace
     assert all(np.isfinite(h["val_loss"]) and np.isfinite(h["a_grad_norm"]) for h in second.history)
-    assert not np.allclose(first.supernet.alpha.logits, second.supernet.alpha.logits, rtol=0, atol=1e-7)
+    assert not np.allclose(
+        first.supernet.arch.alpha["cell"].logits, second.supernet.arch.alpha["cell"].logits, rtol=0, atol=1e-7
+    )
 
 
 def test_shared_trace_second_order_step_equals_the_separately_traced_step():

@@ -20,23 +20,25 @@ class Scale(eqx.Module):
     def __init__(self, channels: int):
         self.weight = jnp.ones(channels)
 
-    def __call__(self, x):
-        return x * self.weight[None, None, None, :]
+    def __call__(self, x, state=None):
+        # ops are called `op(x, state) -> (y, state)`: the state holds running batch-norm
+        # statistics in an evaluation network; an op without batch norm passes it through
+        return x * self.weight[None, None, None, :], state
 
 
-def skip(channels, stride, affine, key):
-    return dx.SEED_SPACE.make_op("skip_connect", channels, stride, affine, key=key)
+def skip(channels, stride, norm, key):
+    return dx.SEED_SPACE.make_op("skip_connect", channels, stride, norm, key=key)
 
 
-def conv_3x3(channels, stride, affine, key):
-    return dx.SEED_SPACE.make_op("conv_3x3", channels, stride, affine, key=key)
+def conv_3x3(channels, stride, norm, key):
+    return dx.SEED_SPACE.make_op("conv_3x3", channels, stride, norm, key=key)
 
 
 SPACE = dx.register_space(
     dx.SearchSpace(
         "scale_or_conv",
         ("skip_connect", "scale", "conv_3x3"),
-        (skip, lambda channels, stride, affine, key: Scale(channels), conv_3x3),
+        (skip, lambda channels, stride, norm, key: Scale(channels), conv_3x3),
     )
 )
 
@@ -45,7 +47,12 @@ def main():
     result = dx.search(jax.random.key(0), "digits", space=SPACE.name, channels=8, layers=3, epochs=1, batch_size=64)
     print(f"val acc {result.history[-1]['val_acc']:.3f}")
     print(result.genotype)
-    print(type(result.network).__name__, "with", len(result.network.layers), "layers of", result.genotype.normal[0][0])
+    print(type(result.network).__name__, "with", len(result.network.cells), "layers of", result.genotype.normal[0][0])
+    # the genotype trained from scratch as its space's evaluation network, briefly
+    trained = dx.train(
+        jax.random.key(1), result.genotype, "digits", channels=8, layers=3, epochs=1, batch_size=64, auxiliary=False
+    )
+    print(f"trained from scratch: test acc {trained.history[-1]['test_acc']:.3f}")
 
 
 if __name__ == "__main__":
