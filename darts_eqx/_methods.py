@@ -2,9 +2,13 @@
 
 What tells DARTS variants apart is four small things, each a field of `Method`:
 
-- `relax(logits, step, inner) -> weights`: how alpha becomes op weights in the forward pass.
-  `inner` is the relaxation before it in the chain (softmax first), so relaxations stack: DARTS-'s
-  auxiliary skip adds a decaying offset to whatever `inner` gives.
+- `relax(logits, step, inner, key) -> weights`: how alpha becomes op weights in the forward pass.
+  `inner(logits, step, key)` is the relaxation before it in the chain (softmax first), so
+  relaxations stack: DARTS-'s auxiliary skip adds a decaying offset to whatever `inner` gives.
+  `key` is a PRNG key of this forward pass and this alpha alone (each pass of each step gets its
+  own, the same again when the search is rerun or resumed), for relaxations that sample (Gumbel, Dirichlet); one
+  that samples and calls `inner` passes it a key of its own (`jax.random.split`). In second order
+  only the weight step's forward pass sees the relaxation.
 - `arch_loss(arch, step) -> scalar`: a term added to the validation loss that alpha descends
   (beta-DARTS' regularisation).
 - `estimator`: the architecture gradient, `estimator(state, static, train_batch, val_batch) ->
@@ -37,7 +41,10 @@ class MethodContext(NamedTuple):
 
 
 class Method(NamedTuple):
-    """The four parts of a DARTS variant (see the module docstring); None leaves a part to DARTS."""
+    """The four parts of a DARTS variant (see `darts_eqx.methods`); None leaves a part to DARTS:
+    `relax(logits, step, inner, key) -> op weights`, `arch_loss(arch, step) -> scalar`,
+    `estimator(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` and
+    `select(supernet) -> genotype`."""
 
     relax: Callable | None = None
     arch_loss: Callable | None = None
@@ -48,7 +55,7 @@ class Method(NamedTuple):
 Plugin = Callable[[MethodContext], Method]
 
 
-def softmax(logits, step):
+def softmax(logits, step, key=None):
     """DARTS' relaxation: softmax(alpha) over the ops of each edge."""
     return jax.nn.softmax(logits, axis=-1)
 
@@ -93,17 +100,17 @@ def _single(methods, part: str):
 
 
 def _stacked(relaxations):
-    def relax(logits, step, inner):
+    def relax(logits, step, inner, key):
         weights = inner
         for outer in relaxations:
             weights = _wrapped(outer, weights)
-        return weights(logits, step)
+        return weights(logits, step, key)
 
     return relax
 
 
 def _wrapped(outer, inner):
-    return lambda logits, step: outer(logits, step, inner)
+    return lambda logits, step, key: outer(logits, step, inner, key)
 
 
 def _summed(losses):
@@ -117,15 +124,17 @@ def _summed(losses):
 
 
 def relaxation_view(relax: Callable):
-    """`view(arch, step)`: `arch` with every `ArchLogits` shown through the complete relaxation
-    `relax(logits, step)` (`search_step`'s `arch_view`)."""
+    """`view(arch, step, key)`: `arch` with every `ArchLogits` shown through the complete
+    relaxation `relax(logits, step, key)` (`search_step`'s `arch_view`), each alpha (the normal
+    and the reduction cell's) with a key of its own, so that their samples are independent."""
 
-    def view(arch, step):
-        return jax.tree.map(
-            lambda n: RelaxedLogits(n.logits, step, relax) if isinstance(n, ArchLogits) else n,
-            arch,
-            is_leaf=lambda n: isinstance(n, ArchLogits),
-        )
+    def view(arch, step, key):
+        leaves, tree = jax.tree.flatten(arch, is_leaf=lambda n: isinstance(n, ArchLogits))
+        relaxed = [
+            RelaxedLogits(n.logits, step, jax.random.fold_in(key, i), relax) if isinstance(n, ArchLogits) else n
+            for i, n in enumerate(leaves)
+        ]
+        return jax.tree.unflatten(tree, relaxed)
 
     return view
 
@@ -183,15 +192,15 @@ def auxiliary_skip(beta: float) -> Plugin:
 
 
 def aux_skip_relaxation(op_names, value: float, epochs: int, steps_per_epoch: int):
-    """`relax(logits, step, inner)` of `auxiliary_skip`."""
+    """`relax(logits, step, inner, key)` of `auxiliary_skip`."""
     if "skip_connect" not in op_names:
         raise ValueError(f"aux_skip needs a skip_connect op; the space has {tuple(op_names)}")
     skip = list(op_names).index("skip_connect")
 
-    def relax(logits, step, inner):
+    def relax(logits, step, inner, key):
         beta = value - ramp(value, step // steps_per_epoch, epochs)
         offset = jnp.zeros(len(op_names)).at[skip].set(beta)
-        return inner(logits, step) + offset.astype(logits.dtype)[None, :]
+        return inner(logits, step, key) + offset.astype(logits.dtype)[None, :]
 
     return relax
 
@@ -216,10 +225,10 @@ def parts(plugin: Plugin, context: MethodContext):
 
 
 def _on_softmax(relax):
-    return lambda logits, step: relax(logits, step, softmax)
+    return lambda logits, step, key: relax(logits, step, softmax, key)
 
 
 def aux_skip_view(op_names, value: float, epochs: int, steps_per_epoch: int):
-    """`view(arch, step)`: `arch` with every alpha seen through DARTS-'s auxiliary skip (beta =
+    """`view(arch, step, key)`: `arch` with every alpha seen through DARTS-'s auxiliary skip (beta =
     `value` at the first epoch decaying linearly to 0 at the last) on top of softmax."""
     return relaxation_view(_on_softmax(aux_skip_relaxation(op_names, value, epochs, steps_per_epoch)))

@@ -62,16 +62,17 @@ class EdgeLogits(eqx.Module):
 
 
 class RelaxedLogits(eqx.Module):
-    """alpha as a method's relaxation shows it to the forward pass: `relax(logits, step)` instead
-    of softmax(alpha) (built inside a step from `ArchLogits`, never trained itself; see
-    `darts_eqx.Method`)."""
+    """alpha as a method's relaxation shows it to one forward pass: `relax(logits, step, key)`
+    instead of softmax(alpha) (see `darts_eqx.Method`). Built inside a step from `ArchLogits` for
+    that pass alone, with that pass's own key, and never trained or saved: the key is not reused."""
 
     logits: Float[Array, "edges ops"]
     step: Int[Array, ""]
+    key: PRNGKeyArray
     relax: Callable = eqx.field(static=True)
 
     def weights(self) -> Float[Array, "edges ops"]:
-        return self.relax(self.logits, self.step)
+        return self.relax(self.logits, self.step, self.key)
 
 
 def is_arch(node) -> bool:

@@ -43,6 +43,14 @@ def initial_state(weights, arch, w_opt, a_opt, key: PRNGKeyArray) -> SearchState
     return SearchState(weights, arch, w_opt_state, a_opt_state, jnp.zeros((), jnp.int32), key)
 
 
+def forward_key(state: SearchState, number) -> PRNGKeyArray:
+    """The key of forward pass `number` of `state`'s step, for a method's relaxation to draw from:
+    the state's key folded with the step, then with the pass. Folded rather than split into the
+    carry, so the carry does not change, and a resumed search draws what an uninterrupted one
+    draws."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, state.step), number)
+
+
 def as_typed_key(key) -> PRNGKeyArray:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key

@@ -2,23 +2,28 @@
 
 Per step: one Adam step on alpha with the gradient of the loss on a validation batch (first order),
 or of the loss after one virtual weight step (second order, `_second_order`), then one SGD step on
-the weights with the gradient of the loss on a training batch (Liu et al., 2019, Alg. 1).
+the weights with the gradient of the loss on a training batch (Liu et al., 2019, Alg. 1). Each
+estimator's step is written once, as phases of the supernet's gradient (`_phases`): first order,
+and any estimator given as a function (the exact one), as `Alternation`; finite differences as
+`FiniteDifferenceStep`. Whether the phases share one trace is the execution's choice.
 """
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 from jax import lax
 
-from . import _parallel, _shared_trace
+from . import _parallel
 from ._config import SearchConfig
 from ._execution import Execution
-from ._loss import supernet_loss
 from ._optim import epoch_lr
-from ._second_order import arch_gradient, momentum_buffer
+from ._phases import TRAIN, VAL, Phases, cond, either, may_be, run_phases
+from ._second_order import FiniteDifferenceStep, arch_gradient, momentum_buffer
 from ._state import SearchState, StepMetrics, alpha_update, regularised, weight_update
 
 
@@ -37,58 +42,97 @@ def search_step(
     """One DARTS step: alpha on `val_batch`, then weights on `train_batch`. First order unless
     `arch_grad(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` is given
     (see `second_order_gradient`); `arch_reg(arch, step)`, a regulariser of alpha alone, is added
-    to the validation loss (its gradient to alpha's); `arch_view(arch, step)` is alpha as both
-    forward passes see it (DARTS-'s auxiliary skip). With `shared_trace`, the step traces the
-    supernet's gradient once for all its phases (first order: the alpha and the weight step;
-    second order with finite differences: the virtual step, the gradient at w', the two at w+-
-    and the weight step), the CPU's convolutions and pointwise matmuls gating their weight
-    gradients off in the phases that need alpha's gradient alone (`_shared_trace`); the same
-    step up to floating-point rounding."""
-
-    def view(arch):
-        return arch if arch_view is None else arch_view(arch, state.step)
-
-    if shared_trace and arch_grad is None:
-        return _shared_trace.first_order_step(state, static, w_opt, a_opt, train_batch, val_batch, arch_reg, view)
-    if shared_trace:
-        if not (isinstance(arch_grad, UnrolledGradient) and arch_grad.config.estimator == "finite_difference"):
-            raise ValueError(
-                "shared_trace with a second-order gradient needs `second_order_gradient(config, ...)` with "
-                "estimator 'finite_difference' (the exact one differentiates through the virtual step), "
-                f"got {arch_grad!r}"
-            )
-        return _shared_trace.finite_difference_step(
-            state, static, w_opt, a_opt, train_batch, val_batch, arch_grad, arch_reg, view
+    to the validation loss (its gradient to alpha's); `arch_view(arch, step, key)` is alpha as the
+    supernet's forward passes see it (a method's relaxation, with the pass's own PRNG key,
+    `forward_key`): both passes in first order, the weight step's in second order. With
+    `shared_trace`, the step traces the supernet's gradient once for all its phases (first order:
+    the alpha and the weight step; second order with finite differences: the virtual step, the
+    gradient at w', the two at w+- and the weight step; `_phases`): the same step up to
+    floating-point rounding."""
+    batches = (train_batch, val_batch)
+    if isinstance(arch_grad, UnrolledGradient) and arch_grad.config.estimator == "finite_difference":
+        phases = arch_grad.step(state, w_opt, a_opt, arch_reg, arch_view)
+    elif shared_trace and arch_grad is not None:
+        raise ValueError(
+            "shared_trace with a second-order gradient needs `second_order_gradient(config, ...)` with "
+            "estimator 'finite_difference' (the exact one differentiates through the virtual step), "
+            f"got {arch_grad!r}"
         )
-    loss_gradient = _loss_gradient(static, arch_view)
-    if arch_grad is None:
-        (val_loss, val_acc), (_, a_grads) = loss_gradient(state.weights, state.arch, state.step, *val_batch)
     else:
-        (val_loss, val_acc), a_grads = arch_grad(state, static, train_batch, val_batch)
-    a_grads = regularised(a_grads, state, arch_reg)
-    stepped = alpha_update(state, a_opt, a_grads)
-    (train_loss, train_acc), (w_grads, _) = loss_gradient(stepped.weights, stepped.arch, state.step, *train_batch)
-    new = dataclasses.replace(weight_update(stepped, w_opt, w_grads), step=state.step + 1)
-    norms = optax.tree.norm(w_grads), optax.tree.norm(a_grads)  # before clipping: for the NaN guard
-    return new, StepMetrics(train_loss, train_acc, val_loss, val_acc, *norms)
+        phases = Alternation(state, static, w_opt, a_opt, batches, arch_grad, arch_reg, arch_view)
+    return run_phases(phases, static, batches, shared=shared_trace, state=state)
 
 
-def _loss_gradient(static, arch_view):
-    """`loss_gradient(weights, arch, step, x, y) -> ((loss, acc), (grad_w, grad_alpha))`, jitted:
-    the weight step's gradient (training batch), and in first order also alpha's (validation
-    batch). Called twice with the same shapes inside the step, it is traced and lowered once; XLA
-    inlines both calls and drops the gradient each one does not use, so the step computes what two
-    separately traced gradients compute, with less tracing and lowering (experiments/RESULTS.md)."""
+class AlternationPhase(NamedTuple):
+    """A phase of `Alternation`."""
 
-    @jax.jit
-    def loss_gradient(weights, arch, step, x, y):
-        def loss(wa):
-            arch_in = wa[1] if arch_view is None else arch_view(wa[1], step)
-            return supernet_loss(arch_in, wa[0], static, x, y)
+    batch: int
+    weight_gradient: bool  # the weights' phase, else alpha's
 
-        return eqx.filter_value_and_grad(loss, has_aux=True)((weights, arch))
+    @property
+    def number(self):
+        """Which forward pass of the step it is (for its relaxation key)."""
+        return self.weight_gradient
 
-    return loss_gradient
+
+ALPHA_PHASE, WEIGHT_PHASE = AlternationPhase(VAL, False), AlternationPhase(TRAIN, True)
+
+
+@dataclass(frozen=True)
+class Alternation(Phases):
+    """The paper's alternation as two phases from `state`: alpha's step (`a_opt`), then the
+    weights' step (`w_opt`) on the training batch at the new alpha, both passes seeing alpha
+    through `view` (if given). Alpha's gradient is the supernet's on the validation batch (first
+    order), or `estimator(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)`
+    (the exact second-order one, or a plug-in's; no shared trace), plus that of `arch_reg`. The
+    carry is the whole `SearchState`; under a shared trace a `lax.cond` picks each phase's update
+    (experiments/RESULTS.md)."""
+
+    state: SearchState
+    static: Any
+    w_opt: Any
+    a_opt: Any
+    batches: tuple
+    estimator: Callable | None = None
+    arch_reg: Callable | None = None
+    view: Callable | None = None
+
+    groups = ((ALPHA_PHASE,), (WEIGHT_PHASE,))
+
+    def start(self, shared: bool) -> SearchState:
+        return self.state
+
+    def at(self, state: SearchState, phase):
+        return state.weights, state.arch
+
+    def view_of(self, phase):
+        return self.view
+
+    def evaluate(self, state: SearchState, phase):
+        if self.estimator is None or phase.weight_gradient:
+            return None
+        value, a_grads = self.estimator(state, self.static, *self.batches)
+        return value, (None, a_grads)
+
+    def keep(self, state: SearchState, phase, value, grads):
+        (loss, acc), (w_grads, a_grads) = value, grads
+        weight_phase = phase.weight_gradient
+        if may_be(weight_phase, False):
+            a_grads = regularised(a_grads, state, self.arch_reg)
+        state = cond(
+            weight_phase,
+            lambda s: weight_update(s, self.w_opt, w_grads),
+            lambda s: alpha_update(s, self.a_opt, a_grads),
+            state,
+        )
+        # before clipping: for the NaN guard
+        norm = either(weight_phase, lambda: optax.tree.norm(w_grads), lambda: optax.tree.norm(a_grads))
+        return state, (loss, acc, norm)
+
+    def finish(self, state: SearchState, outs):
+        loss, acc, norm = outs
+        state = dataclasses.replace(state, step=state.step + 1)
+        return state, StepMetrics(loss[1], acc[1], loss[0], acc[0], norm[1], norm[0])
 
 
 @dataclass(frozen=True)
@@ -102,6 +146,24 @@ class UnrolledGradient:
     def xi(self, state: SearchState):
         config = self.config
         return config.xi if config.xi is not None else epoch_lr(config, state.step // self.steps_per_epoch)
+
+    def step(self, state: SearchState, w_opt, a_opt, arch_reg, view) -> FiniteDifferenceStep:
+        """`search_step` with this gradient, by finite differences, as phases."""
+        config, dtype = self.config, jax.tree.leaves(state.weights)[0].dtype
+        xi, buffer = jnp.asarray(self.xi(state), dtype), momentum_buffer(state.w_opt_state)
+        return FiniteDifferenceStep(
+            state.weights,
+            state.arch,
+            xi,
+            config.w_momentum,
+            config.w_weight_decay,
+            buffer,
+            state=state,
+            w_opt=w_opt,
+            a_opt=a_opt,
+            arch_reg=arch_reg,
+            view=view,
+        )
 
     def __call__(self, state: SearchState, static, train_batch, val_batch):
         return arch_gradient(

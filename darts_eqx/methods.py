@@ -1,6 +1,8 @@
 """DARTS variants as plug-ins (see `darts_eqx.Method`): a plug-in is a function of a
 `MethodContext` returning a `Method`; `chain` composes them; `search(method=...)` runs one of the
-user's own after the ones its config names."""
+user's own after the ones its config names. A relaxation is `relax(logits, step, inner, key)`:
+`inner(logits, step, key)` the relaxations before it (`softmax` first), `key` a PRNG key of that
+forward pass alone, fresh each step and the same on a rerun or a resume."""
 
 from ._methods import (
     Method as Method,

@@ -110,7 +110,7 @@ def test_darts_minus_sees_an_extra_decaying_identity(getkey):
     base = np.asarray(model.arch.alpha["cell"].weights())
     skip = dx.SEED_SPACE.op_names.index("skip_connect")
     for step, beta in ((0, 1.0), (15, 0.5), (29, 0.0)):
-        seen = np.asarray(view(arch, jnp.int32(step)).arch.alpha["cell"].weights())
+        seen = np.asarray(view(arch, jnp.int32(step), getkey()).arch.alpha["cell"].weights())
         expected = base.copy()
         expected[:, skip] += beta
         np.testing.assert_allclose(seen, expected, rtol=1e-6)

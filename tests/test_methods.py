@@ -19,7 +19,7 @@ def tempered(temperature: float):
     """A user's relaxation: softmax(alpha / T) under whatever comes after it."""
 
     def tempered(context):
-        return methods.Method(relax=lambda logits, step, inner: inner(logits / temperature, step))
+        return methods.Method(relax=lambda logits, step, inner, key: inner(logits / temperature, step, key))
 
     return tempered
 
@@ -35,7 +35,7 @@ def test_relaxations_stack_and_loss_terms_add():
         expected = np.exp(np.asarray(logits) / 2.0)
         expected /= expected.sum()
         expected[0, skip] += beta  # the auxiliary skip on top of the tempered softmax
-        seen = view(arch, jnp.int32(step))["alpha"].weights()
+        seen = view(arch, jnp.int32(step), jax.random.key(step))["alpha"].weights()
         np.testing.assert_allclose(seen, expected, rtol=1e-6)
     # beta-DARTS: 4 * epoch / (epochs - 1) * mean logsumexp; at step 25 (epoch 2 of 3): 4 * lse
     lse = np.log(np.exp(np.asarray(logits)).sum())
@@ -79,3 +79,36 @@ def test_a_users_method_runs_in_search_and_selects_the_genotype():
     steps = len(plain.history) * 2  # 64 images, half for alpha, batch 16: 2 steps
     moved = np.asarray(plain.supernet.arch.alpha["cell"].logits - mine.supernet.arch.alpha["cell"].logits)[0, 1]
     assert moved > 0.5 * steps * plain.config.a_lr
+
+
+def recorded_keys(seen: dict):
+    """A user's relaxation that records, per step, the PRNG keys its forward passes draw from."""
+
+    def record(step, key_data):
+        seen.setdefault(int(step), set()).add(tuple(np.asarray(key_data).ravel().tolist()))
+
+    def recorded_keys(context):
+        def relax(logits, step, inner, key):
+            jax.debug.callback(record, step, jax.random.key_data(key))
+            return inner(logits, step, key)
+
+        return methods.Method(relax=relax)
+
+    return recorded_keys
+
+
+def test_a_relaxation_draws_from_a_fresh_key_each_step_and_the_same_on_a_rerun():
+    data = dx.data.from_arrays(*tiny_arrays(n=64))
+    options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
+    runs = []
+    for shared in (False, False, True):
+        seen: dict = {}
+        dx.search(
+            jax.random.key(0), data, method=recorded_keys(seen), execution=dx.Execution(shared_trace=shared), **options
+        )
+        runs.append(seen)
+    first, rerun, shared = runs
+    assert sorted(first) == [0, 1, 2, 3]  # 2 epochs of 2 steps
+    assert all(len(keys) == 2 for keys in first.values())  # alpha's pass and the weights' pass
+    assert len(set().union(*first.values())) == 8  # no key twice
+    assert rerun == first and shared == first  # the same keys again, however the step is traced

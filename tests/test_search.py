@@ -201,13 +201,13 @@ def test_donated_state_is_not_reused():
 
 
 def test_shared_trace_search_is_the_same_search(monkeypatch):
-    # The execution option reaches the step (the gated step is what gets traced) and gives the same
-    # search up to rounding.
-    from darts_eqx import _shared_trace
+    # The execution option reaches the step (the shared trace of its phases is what gets traced)
+    # and gives the same search up to rounding.
+    from darts_eqx import _phases
 
     traced = []
-    gated = _shared_trace.first_order_step
-    monkeypatch.setattr(_shared_trace, "first_order_step", lambda *a: traced.append(1) or gated(*a))
+    gated = _phases._shared
+    monkeypatch.setattr(_phases, "_shared", lambda *a: traced.append(1) or gated(*a))
     data = dx.data.from_arrays(*tiny_arrays())
     options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
     plain = dx.search(jax.random.key(3), data, **options)
@@ -264,6 +264,7 @@ def test_first_order_step_is_the_papers_alternation_with_one_traced_gradient(get
     from darts_eqx import search_step
     from darts_eqx._loss import supernet_loss
     from darts_eqx._methods import aux_skip_view
+    from darts_eqx._state import forward_key
 
     config = SearchConfig(space="seed", channels=4, layers=1, batch_size=8)
     model = build_supernet(config, (8, 8, 3), 10, key=getkey())
@@ -283,10 +284,13 @@ def test_first_order_step_is_the_papers_alternation_with_one_traced_gradient(get
 
     got, metrics = jax.jit(step)(state)
 
-    a_grads = jax.grad(lambda a: supernet_loss(view(a, state.step), weights, static, *val)[0] + reg(a, 0))(arch)
+    alpha_pass, weight_pass = forward_key(state, 0), forward_key(state, 1)  # each pass's relaxation key
+    a_grads = jax.grad(lambda a: supernet_loss(view(a, state.step, alpha_pass), weights, static, *val)[0] + reg(a, 0))(
+        arch
+    )
     a_updates, _ = a_opt.update(a_grads, state.a_opt_state, arch)
     new_arch = eqx.apply_updates(arch, a_updates)
-    w_grads = jax.grad(lambda w: supernet_loss(view(new_arch, state.step), w, static, *train)[0])(weights)
+    w_grads = jax.grad(lambda w: supernet_loss(view(new_arch, state.step, weight_pass), w, static, *train)[0])(weights)
     w_updates, _ = w_opt.update(w_grads, state.w_opt_state, weights)
     for a, b in zip(jax.tree.leaves(got.arch), jax.tree.leaves(new_arch)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -170,7 +170,7 @@ def test_shared_trace_second_order_step_equals_the_separately_traced_step():
     def reg(arch, step):
         return 0.5 * sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(arch))
 
-    def view(arch, step):  # as DARTS-'s auxiliary skip: alpha as the weight step sees it
+    def view(arch, step, key):  # as DARTS-'s auxiliary skip: alpha as the weight step sees it
         return jax.tree.map(lambda a: 2.0 * a, arch)
 
     @eqx.filter_jit

@@ -21,9 +21,10 @@ def annealed_temperature(start: float = 5.0, end: float = 0.5) -> methods.Plugin
     def annealed_temperature(context: methods.MethodContext) -> methods.Method:
         total = context.config.epochs * context.steps_per_epoch
 
-        def relax(logits, step, inner):
+        def relax(logits, step, inner, key):
+            # `key`: this forward pass's own PRNG key, for a relaxation that samples (unused here)
             t = start + (end - start) * jnp.minimum(step / max(total - 1, 1), 1.0)
-            return inner(logits / t, step)  # `inner` is softmax, or the relaxation before this one
+            return inner(logits / t, step, key)  # `inner` is softmax, or the relaxation before this one
 
         return methods.Method(relax=relax)
 
