@@ -11,14 +11,14 @@ import jax
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from ._cell import DiscreteCell, PartialChannelOp, SearchCell, num_edges, preprocess
+from ._cell import DiscreteCell, PartialChannelOp, SearchCell, edge_index, num_edges, preprocess
 from ._genotype import Genotype, derive_cell
 from ._mixed import ArchLogits, EdgeLogits
 from ._norm import EVAL_NORM, SEARCH_NORM, Normalisation
 from ._op_names import DARTS_OPS
 from ._ops import dil_conv, pool, sep_conv, skip, zero
 from ._skeleton import AuxiliaryHead, CellNetwork, Head, Stem, check_sizes, reduction_layers
-from ._spaces import SearchSpace, Topology, register_space, space
+from ._spaces import SearchSpace, Topology, get_space, register_space, space
 from ._supernet import Architecture
 
 
@@ -264,9 +264,7 @@ def _eval_cell(space, genotype, c_prev_prev, c_prev, channels, reduction, reduct
 def one_hot_alpha(supernet: CellNetwork, genotype: Genotype, scale: float = 100.0) -> CellNetwork:
     """A copy of a DARTS `supernet` whose alpha puts softmax weight ~1 on the genotype's op for
     kept edges and on `none` for dropped ones (for checking a discretisation against it)."""
-    from ._cell import edge_index
-
-    op_names = get_op_names(supernet)
+    op_names = get_space(supernet.space).op_names
 
     def cell_logits(arch: ArchLogits, gene):
         logits = np.zeros(arch.logits.shape, np.float32)
@@ -283,9 +281,3 @@ def one_hot_alpha(supernet: CellNetwork, genotype: Genotype, scale: float = 100.
         supernet,
         (cell_logits(alpha["normal"], genotype.normal), cell_logits(alpha["reduce"], genotype.reduce)),
     )
-
-
-def get_op_names(model: CellNetwork) -> tuple[str, ...]:
-    from ._spaces import get_space
-
-    return get_space(model.space).op_names

@@ -21,6 +21,7 @@ cell with the same weights, and the tests compare the two (the reference traced 
 convolutions).
 """
 
+import functools
 from typing import Any
 
 import einops
@@ -109,39 +110,17 @@ class FusedCell(eqx.Module):
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         nodes = jnp.zeros((2 * self.steps, b, ho, wo, c), h1.dtype)
 
-        k = self.partial_channels
         betas = jnp.ones(weights.shape[:1], weights.dtype) if edge_weights is None else edge_weights
-
-        def mixing(sources, width):
-            # Per source: its mixing rows (softmax(alpha), and the edge-normalisation weights with
-            # partial channels; zero for padded edges) and the first node it feeds.
-            mix = []
-            for i in sources:
-                dests = destinations(i, self.steps)
-                index = np.array([edge_index(j, i) for j in dests])
-                rows = jnp.concatenate([weights[index], betas[index, None]], axis=1)
-                mix.append(jnp.zeros((width, rows.shape[1]), weights.dtype).at[: len(dests)].set(rows))
-            base = jnp.array([destinations(i, self.steps)[0] for i in sources])
-            return jnp.stack(mix), base
-
-        def source_out(ops_i, x, mix_i):
-            if k == 1:
-                out = ops_i(x, mix_i[:, :-1])
-            else:  # PC-DARTS: the ops see the first 1/k of the channels, the rest bypass them
-                part = einops.rearrange(ops_i(x[..., : x.shape[-1] // k], mix_i[:, :-1]), "e b h w c -> b h w e c")
-                out = einops.rearrange(partial_channel_merge(part, x, k, ops_i.stride), "b h w e c -> e b h w c")
-            return out if edge_weights is None else out * mix_i[:, -1][:, None, None, None, None]
-
-        def add(nodes, out, base):
-            current = lax.dynamic_slice_in_dim(nodes, base, out.shape[0], axis=0)
-            return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
+        mixing = functools.partial(_mixing, weights, betas, self.steps)
+        weighted = edge_weights is not None
+        source_out = functools.partial(_source_out, partial_channels=self.partial_channels, edge_weighted=weighted)
 
         apply = _source_ops.remat(source_out)
         mix, base = mixing((0, 1), self.inputs.edges)
 
         def input_step(nodes, xs):
             ops_i, x, mix_i, base_i = xs
-            return add(nodes, apply(ops_i, x, mix_i), base_i), None
+            return _add_at(nodes, apply(ops_i, x, mix_i), base_i), None
 
         nodes, _ = lax.scan(input_step, nodes, (self.inputs, jnp.stack([h0, h1]), mix, base))
         if self.nodes is not None:
@@ -151,7 +130,7 @@ class FusedCell(eqx.Module):
             def node_step(nodes, xs):
                 ops_i, source, mix_i, base_i = xs
                 x = lax.dynamic_index_in_dim(nodes, source - 2, axis=0, keepdims=False)
-                return add(nodes, apply(ops_i, x, mix_i), base_i), None
+                return _add_at(nodes, apply(ops_i, x, mix_i), base_i), None
 
             nodes, _ = lax.scan(node_step, nodes, (self.nodes, jnp.array(list(node_sources)), mix, base))
         out = nodes[self.steps - self.multiplier : self.steps]
@@ -191,6 +170,36 @@ class FusedCell(eqx.Module):
             multiplier=self.multiplier,
             partial_channels=self.partial_channels,
         )
+
+
+def _mixing(weights, betas, steps: int, sources, width: int):
+    """Per source in `sources`: its mixing rows (softmax(alpha), then the edge-normalisation weight
+    with partial channels; zero rows for padded edges up to `width`) and the first node it feeds."""
+    mix = []
+    for i in sources:
+        dests = destinations(i, steps)
+        index = np.array([edge_index(j, i) for j in dests])
+        rows = jnp.concatenate([weights[index], betas[index, None]], axis=1)
+        mix.append(jnp.zeros((width, rows.shape[1]), weights.dtype).at[: len(dests)].set(rows))
+    base = jnp.array([destinations(i, steps)[0] for i in sources])
+    return jnp.stack(mix), base
+
+
+def _add_at(nodes, out, base):
+    """`nodes` with `out` (one row per edge) added to rows `base`, `base + 1`, ..."""
+    current = lax.dynamic_slice_in_dim(nodes, base, out.shape[0], axis=0)
+    return lax.dynamic_update_slice_in_dim(nodes, current + out, base, axis=0)
+
+
+def _source_out(ops_i: SourceOps, x, mix_i, *, partial_channels: int, edge_weighted: bool):
+    """The mixed outputs of the edges leaving `x`, edges first."""
+    k = partial_channels
+    if k == 1:
+        out = ops_i(x, mix_i[:, :-1])
+    else:  # PC-DARTS: the ops see the first 1/k of the channels, the rest bypass them
+        part = einops.rearrange(ops_i(x[..., : x.shape[-1] // k], mix_i[:, :-1]), "e b h w c -> b h w e c")
+        out = einops.rearrange(partial_channel_merge(part, x, k, ops_i.stride), "b h w e c -> e b h w c")
+    return out * mix_i[:, -1][:, None, None, None, None] if edge_weighted else out
 
 
 class _PerSourceCell(eqx.Module):

@@ -107,47 +107,32 @@ def search(
     execution.use_compile_cache()
     mesh = _parallel.data_mesh(execution.devices)
     _parallel.check_batch(config.batch_size, mesh)
-    data = load(data)
-    key = as_typed_key(key)
+    data, key = load(data), as_typed_key(key)
     key_model, key_split, key_state = jax.random.split(key, 3)
     schedule = _schedule(config, execution, len(data.x_train), key_split, checkpoint_every if checkpoint_dir else None)
 
+    # The supernet: weights w and alpha, each with its own optimiser.
     supernet = build_supernet(config, data.image_shape, data.num_classes, key=key_model)
     arch, weights, static = split_arch(supernet)
     w_opt, a_opt = weight_optimizer(config, schedule.steps_per_epoch), arch_optimizer(config)
     state = initial_state(weights, arch, w_opt, a_opt, key_state)
     identity = _resume.identity(config, data, key, method) if checkpoint_dir is not None else None
     key_impl = str(jax.random.key_impl(key_state))
-    start = Progress(state)
-    if resume:
-        start = _restored(checkpoint_dir, start, identity, allow_changes, key_impl, schedule)
-        schedule = dataclasses.replace(
-            schedule, chunk_len=_resume.resumed_chunk_len(schedule.chunk_len, start.epoch_step)
-        )
+    start, schedule = _start(Progress(state), schedule, resume, checkpoint_dir, identity, allow_changes, key_impl)
     start.state = _parallel.replicate(start.state, mesh)
     device_data = _on_devices((data.x_train, data.y_train), mesh)
 
+    # The method: how alpha weighs the ops, the losses' extra terms, alpha's gradient, the selection.
     plugin = from_config(config) if method is None else chain(from_config(config), method)
     context = MethodContext(config, get_space(config.space).op_names, schedule.steps_per_epoch)
     arch_grad, arch_reg, arch_view, select = parts(plugin, context)
-    chunk = make_chunk_fn(
-        static, w_opt, a_opt, execution, mesh=mesh, arch_grad=arch_grad, arch_reg=arch_reg, arch_view=arch_view
-    )
+
+    # Alternate alpha and weight steps, chunk by chunk, for the configured epochs.
+    estimate = dict(arch_grad=arch_grad, arch_reg=arch_reg, arch_view=arch_view)
+    chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, **estimate)
     epoch_end, stop = _hessian_tracking(config, static, device_data, schedule.val_pool, key_split)
-    loop = SearchLoop(
-        chunk,
-        schedule,
-        device_data,
-        mesh,
-        static,
-        config,
-        checkpoint_dir,
-        checkpoint_every,
-        identity,
-        callback,
-        epoch_end,
-        stop,
-    )
+    checkpoints = (checkpoint_dir, checkpoint_every, identity)
+    loop = SearchLoop(chunk, schedule, device_data, mesh, static, config, *checkpoints, callback, epoch_end, stop)
     done = loop.run(start, progress)
     return _result(done, static, config, execution, mesh, key_impl, select or derive_genotype)
 
@@ -169,12 +154,17 @@ def _schedule(config, execution, n: int, key_split, checkpoint_every) -> Schedul
     return Schedule(train_pool, val_pool, key_order, config.batch_size, chunks * chunk_len, chunk_len)
 
 
-def _restored(checkpoint_dir, start: Progress, identity, allow_changes, key_impl, schedule) -> Progress:
-    """`start` continued from the newest checkpoint in `checkpoint_dir`, if there is one."""
+def _start(start: Progress, schedule: Schedule, resume, checkpoint_dir, identity, allow_changes, key_impl):
+    """`(progress, schedule)` to run from: `start` and `schedule`, or, when resuming and a
+    checkpoint is found, where it left off (a partial epoch resumes with a chunk length dividing
+    what is left of it)."""
+    if not resume:
+        return start, schedule
     found = _resume.restore(checkpoint_dir, start.state, identity, allow_changes, key_impl)
-    if found is None:
-        return start
-    return Progress(found.state, found.epoch, found.epoch_step, found.history, found.epoch_metrics, found.path)
+    if found is not None:
+        start = Progress(found.state, found.epoch, found.epoch_step, found.history, found.epoch_metrics, found.path)
+    chunk_len = _resume.resumed_chunk_len(schedule.chunk_len, start.epoch_step)
+    return start, dataclasses.replace(schedule, chunk_len=chunk_len)
 
 
 def _on_devices(arrays, mesh):

@@ -107,40 +107,9 @@ class SourceOps(eqx.Module):
         Op outputs are kept apart and mixed per edge, never concatenated along the channel axis:
         on XLA:CPU every such concatenate (and every elementwise pass over [.., edges, channels]
         with a broadcast weight) is a strided copy with rows of C floats (experiments/RESULTS.md)."""
-        e, s = self.edges, self.stride
-        # Stage 1 of the four conv ops: per op, every edge's (depthwise o pointwise) output of
-        # relu(x) at once (the C++ depthwise kernel, or one dense convolution with the edges'
-        # composed kernels side by side on the output axis).
+        s = self.stride
         r = jax.nn.relu(x)
-        firsts = (
-            (self.sep3_dw1, self.sep3_pw1),
-            (self.sep5_dw1, self.sep5_pw1),
-            (self.dil3_dw, self.dil3_pw),
-            (self.dil5_dw, self.dil5_pw),
-        )
-        if uses_depthwise_kernel(x):
-            # With the C++ depthwise kernel: every edge's depthwise convolution in one call, edges
-            # first, then each edge's pointwise matrix as one batched matmul.
-            per_edge = [
-                _edge_batch_norm(
-                    weight_einsum(
-                        "ebhwc,ecd->ebhwd",
-                        depthwise_conv2d_edges(r, dw, s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]),
-                        pw,
-                    )
-                )
-                for op, (dw, pw) in zip(_CONV_OPS, firsts)
-            ]
-        else:
-            stage1 = [
-                batch_norm(conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]))
-                for op, (dw, pw) in zip(_CONV_OPS, firsts)
-            ]
-
-            # Everything after stage 1 is per edge: one `lax.scan` over the edges keeps the program
-            # (hence XLA's compile time) independent of the edge count. Its inputs are the stage-1
-            # outputs edges first, so each step reads one contiguous block.
-            per_edge = [einops.rearrange(y, "b h w (e c) -> e b h w c", e=e) for y in stage1]
+        per_edge = self._first_stages(r)
         max_out, avg_out = batch_norm(max_pool(x, s)), batch_norm(avg_pool(x, s))
         if s == 2:
             r_even, r_odd = r[:, ::2, ::2], r[:, 1::2, 1::2]
@@ -148,17 +117,11 @@ class SourceOps(eqx.Module):
         else:
             skip_weights = None
 
-        def second_stage(y, dw, pw, padding):
-            # The C++ kernel then a matmul, else (also on accelerators) one composed dense conv.
-            if uses_depthwise_kernel(y):
-                return separable_conv2d(y, dw, pw, 1, padding)
-            return conv2d(y, separable_kernel(dw, pw), 1, padding)
-
         def edge_out(_, inputs):
             (sep3, sep5, dil3, dil5), (dw3, pw3, dw5, pw5), skip_i, w = inputs
             # Stage 2 of the two sep convs.
-            z3 = batch_norm(second_stage(jax.nn.relu(sep3), dw3, pw3, 1))
-            z5 = batch_norm(second_stage(jax.nn.relu(sep5), dw5, pw5, 2))
+            z3 = batch_norm(_second_stage(jax.nn.relu(sep3), dw3, pw3, 1))
+            z5 = batch_norm(_second_stage(jax.nn.relu(sep5), dw5, pw5, 2))
             if skip_i is None:
                 skip = x
             else:
@@ -174,6 +137,39 @@ class SourceOps(eqx.Module):
         edge_body = remat(edge_out)
         _, outs = lax.scan(edge_body, None, (tuple(per_edge), seconds, skip_weights, weights))
         return outs
+
+    def _first_stages(self, r: Images) -> list[Float[Array, "e b ho wo c"]]:
+        """Stage 1 of the four conv ops, edges first: per op, every edge's (depthwise o pointwise)
+        output of `r` = relu(x) at once (the C++ depthwise kernel, or one dense convolution with
+        the edges' composed kernels side by side on the output axis)."""
+        s = self.stride
+        firsts = (
+            (self.sep3_dw1, self.sep3_pw1),
+            (self.sep5_dw1, self.sep5_pw1),
+            (self.dil3_dw, self.dil3_pw),
+            (self.dil5_dw, self.dil5_pw),
+        )
+        if uses_depthwise_kernel(r):
+            # With the C++ depthwise kernel: every edge's depthwise convolution in one call, edges
+            # first, then each edge's pointwise matrix as one batched matmul.
+            return [
+                _edge_batch_norm(
+                    weight_einsum(
+                        "ebhwc,ecd->ebhwd",
+                        depthwise_conv2d_edges(r, dw, s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]),
+                        pw,
+                    )
+                )
+                for op, (dw, pw) in zip(_CONV_OPS, firsts)
+            ]
+        stage1 = [
+            batch_norm(conv2d(r, _edge_kernels(dw, pw), s, _DILATION[op] * (_KERNEL[op] // 2), _DILATION[op]))
+            for op, (dw, pw) in zip(_CONV_OPS, firsts)
+        ]
+        # Everything after stage 1 is per edge: one `lax.scan` over the edges keeps the program
+        # (hence XLA's compile time) independent of the edge count. Its inputs are the stage-1
+        # outputs edges first, so each step reads one contiguous block.
+        return [einops.rearrange(y, "b h w (e c) -> e b h w c", e=self.edges) for y in stage1]
 
     def edge_op(self, name: str, slot: int) -> eqx.Module:
         """The stand-alone op module of edge `slot` for candidate `name`, with these weights."""
@@ -206,6 +202,14 @@ def _no_shape_struct(leaf):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         raise AssertionError("a parameter-free DARTS op has an array leaf")
     return leaf
+
+
+def _second_stage(y, dw, pw, padding: int):
+    """A sep conv's second depthwise-pointwise pair: the C++ kernel then a matmul, else (also on
+    accelerators) one composed dense convolution."""
+    if uses_depthwise_kernel(y):
+        return separable_conv2d(y, dw, pw, 1, padding)
+    return conv2d(y, separable_kernel(dw, pw), 1, padding)
 
 
 def _with_edges(ops: SourceOps, edges: int, fn) -> SourceOps:
