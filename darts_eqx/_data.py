@@ -1,5 +1,5 @@
 """Image data for search: from Hugging Face `datasets`, local paths, NumPy arrays, or the embedded
-scikit-learn digits, into normalised float32 NHWC arrays with integer labels.
+scikit-learn digits, into normalised float NHWC arrays (float32; float64 under `jax_enable_x64`) with integer labels.
 
 Everything is checked here, before any compilation: a bad shape, dtype, pixel or label is a
 `ValueError` naming it.
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._dtype import float_dtype
+
 # scikit-learn's digits as uint8 arrays `images` [1797, 8, 8] (0..16) and `labels` [1797].
 _DIGITS_FILE = os.path.join(os.path.dirname(__file__), "_digits.npz")
 _IMAGE_COLUMNS = ("img", "image", "pixel_values", "x")
@@ -21,7 +23,8 @@ _LABEL_COLUMNS = ("label", "labels", "fine_label", "y")
 class ImageData:
     """A labelled image data set, normalised per channel with the training set's statistics.
 
-    `x_*` are float32 `[n, height, width, channels]`, `y_*` int32 `[n]`; the test split may be absent.
+    `x_*` are float32 (float64 under `jax_enable_x64`) `[n, height, width, channels]`, `y_*` int32
+    `[n]`; the test split may be absent.
     """
 
     x_train: np.ndarray
@@ -57,7 +60,7 @@ def _images(x, what: str) -> np.ndarray:
         raise ValueError(f"{what} must have 1 or 3 channels last (NHWC), got shape {x.shape} ({x.shape[-1]} channels)")
     if len(x) == 0:
         raise ValueError(f"{what} is empty")
-    x = x.astype(np.float32)
+    x = x.astype(float_dtype())
     bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
     if bad:
         raise ValueError(f"{what} has {bad} non-finite pixel values (NaN or inf)")
@@ -110,7 +113,7 @@ def from_arrays(
         raise ValueError(f"training images are constant in channel(s) {np.flatnonzero(std == 0).tolist()}")
 
     def norm(x: np.ndarray) -> np.ndarray:
-        return ((x - mean) / std).astype(np.float32)
+        return ((x - mean) / std).astype(float_dtype())
 
     return ImageData(
         norm(x_train),
@@ -128,7 +131,7 @@ def digits() -> ImageData:
     no scikit-learn. Pixels 0..16 scaled to [0, 1], in scikit-learn's order; the last 297 images
     form the test split."""
     with np.load(_DIGITS_FILE) as f:
-        x = f["images"].astype(np.float32) / 16.0
+        x = f["images"].astype(float_dtype()) / 16.0
         y = f["labels"].astype(np.int64)
     return from_arrays(x[:1500], y[:1500], x[1500:], y[1500:], num_classes=10, name="digits")
 

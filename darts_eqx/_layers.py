@@ -5,11 +5,11 @@ pool), the smallest composable example. A space given without a topology gets th
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from ._cell import OpModule
+from ._dtype import float_dtype
 from ._genotype import Genotype
 from ._mixed import ArchLogits, MixedOp
 from ._norm import EVAL_NORM, SEARCH_NORM
@@ -131,7 +131,7 @@ def layered_supernet(
 def _check_op_shapes(model: CellNetwork, space: SearchSpace, height: int, width: int) -> None:
     """Every op of a (custom) space must keep an NHWC batch's shape: checked abstractly, before
     anything is compiled, naming the op that does not."""
-    x = jax.ShapeDtypeStruct((2, height, width, model.stem.norm.channels), jnp.float32)
+    x = jax.ShapeDtypeStruct((2, height, width, model.stem.norm.channels), float_dtype())
     for name, op in zip(space.op_names, model.cells[0].mixed.ops):
         try:
             out = eqx.filter_eval_shape(op, x, None)

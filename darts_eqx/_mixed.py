@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._dtype import float_dtype
 from ._norm import SEARCH_NORM
 from ._ops import Images, Output
 from ._spaces import SearchSpace
@@ -18,7 +19,7 @@ def _scaled_normal(key: PRNGKeyArray, shape: tuple[int, ...], scale: float) -> F
     """scale * N(0, 1), the same values eagerly and under `jit`: the barrier keeps XLA from
     folding `scale` into the draw's own last multiply (by sqrt(2)), which rounds once instead of
     twice and changed alpha's last bit under `jit`."""
-    return scale * lax.optimization_barrier(jax.random.normal(key, shape))
+    return (scale * lax.optimization_barrier(jax.random.normal(key, shape, jnp.float32))).astype(float_dtype())
 
 
 class ArchLogits(eqx.Module):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._conv import conv2d, pointwise_conv, separable_conv2d
+from ._dtype import float_dtype
 from ._norm import BatchNorm, Normalisation, RunningBatchNorm
 from ._pool import avg_pool, max_pool
 
@@ -33,12 +34,13 @@ Norm = BatchNorm | RunningBatchNorm
 
 def _uniform(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
     """PyTorch's default conv/linear init (kaiming_uniform with a=sqrt(5)), U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)) in float32: the values of `jax.random.uniform(key, shape, minval=-bound,
-    maxval=bound)`, whether run eagerly or traced, so a key gives the same weights either way."""
+    1/sqrt(fan_in)), drawn in float32: the values of `jax.random.uniform(key, shape, minval=-bound,
+    maxval=bound)`, whether run eagerly or traced, so a key gives the same weights either way (and
+    in float64, cast)."""
     bound = 1.0 / math.sqrt(fan_in)
     size = math.prod(shape)
     flat = jax.random.uniform(key, (_draw_length(key, size),), jnp.float32, minval=-bound, maxval=bound)
-    return flat[:size].reshape(shape)
+    return flat[:size].reshape(shape).astype(float_dtype())
 
 
 def _draw_length(key: PRNGKeyArray, size: int) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _checkpoint, _parallel
 from ._checkpoint import CheckpointError, CheckpointWarning
+from ._dtype import float_dtype
 from ._fused import from_per_source_view, per_source_view
 from ._state import SearchState, StepMetrics, saved, unsaved
 from ._version import __version__
@@ -137,7 +138,7 @@ def restore(checkpoint_dir: str, state: SearchState, expected: dict, allow_chang
     state = unsaved(from_per_source_view(loaded) if per_source else loaded, key_impl)
     metrics = []
     if manifest["epoch_step"]:
-        metrics = [StepMetrics(*(np.asarray(v, np.float32) for v in manifest["epoch_metrics"]))]
+        metrics = [StepMetrics(*(np.asarray(v, float_dtype()) for v in manifest["epoch_metrics"]))]
     return Restored(state, manifest["epoch"], manifest["epoch_step"], manifest["history"], metrics, path)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from . import _parallel
+from ._dtype import float_dtype
 from ._mixed import ArchLogits, EdgeLogits
 from ._spaces import check_image_size, get_space, space_of
 
@@ -87,7 +88,7 @@ def with_recorded_alpha(supernet, record: dict):
         for kind in getattr(arch, part) or {}:
             name = record_name(part, kind, len(arch.alpha))
             if name in record:
-                logits = jnp.log(jnp.asarray(record[name], jnp.float32))
+                logits = jnp.log(jnp.asarray(record[name], float_dtype()))
                 supernet = eqx.tree_at(
                     lambda m, part=part, kind=kind: getattr(m.arch, part)[kind].logits, supernet, logits
                 )

@@ -22,6 +22,7 @@ from jaxtyping import PRNGKeyArray
 from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
 from ._checks import non_negative, positive, positive_ints, replace_known
 from ._data import load
+from ._dtype import float_dtype
 from ._execution import Execution, as_execution
 from ._loop import progress_bar
 from ._norm import with_running_norms
@@ -226,15 +227,10 @@ def train(
     try:
         for epoch in range(config.epochs):
             start = time.perf_counter()
-            drop_prob = jnp.float32(config.drop_path_prob * epoch / config.epochs)
+            drop_prob = jnp.asarray(config.drop_path_prob * epoch / config.epochs, float_dtype())
             order = jax.random.permutation(jax.random.fold_in(key_order, epoch), len(images))
             idx = order[: steps_per_epoch * config.batch_size].reshape(chunks, chunk_len, config.batch_size)
-            metrics = []
-            for c in range(chunks):
-                carry, m = chunk((images, labels, idx[c], drop_prob), carry)
-                metrics.append(m)
-                bar.update(chunk_len)
-            loss, acc = (np.concatenate([np.asarray(m[i]) for m in metrics]) for i in (0, 1))
+            carry, loss, acc = _run_epoch(chunk, carry, (images, labels), idx, drop_prob, bar)
             _check_finite(loss, epoch, steps_per_epoch)
             record = {
                 "epoch": epoch + 1,
@@ -254,6 +250,18 @@ def train(
     trained = eqx.combine(carry[0], static)
     from_genotype = not isinstance(architecture, CellNetwork)
     return TrainResult(trained, carry[2], history, count_parameters(model), config, seconds, from_genotype)
+
+
+def _run_epoch(chunk, carry, data, idx, drop_prob, bar):
+    """`(carry, loss, acc)`: `carry` after one epoch's chunks of step indices `idx[chunk, step,
+    batch]`, and each step's loss and accuracy."""
+    metrics = []
+    for chunk_idx in idx:
+        carry, m = chunk((*data, chunk_idx, drop_prob), carry)
+        metrics.append(m)
+        bar.update(len(chunk_idx))
+    loss, acc = (np.concatenate([np.asarray(m[i]) for m in metrics]) for i in (0, 1))
+    return carry, loss, acc
 
 
 def _trainable(architecture, config: TrainConfig, num_classes: int, image_shape, *, key: PRNGKeyArray):
