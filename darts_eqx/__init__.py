@@ -57,6 +57,7 @@ __all__ = [
     "nb201",
     "plot_alphas",
     "plot_cell",
+    "read_metrics",
     "register_space",
     "save_trained",
     "search",
@@ -98,6 +99,7 @@ _DEFINED_IN = {
     "jit_build": "_ops",
     "plot_alphas": "_plot",
     "plot_cell": "_plot",
+    "read_metrics": "_metrics",
     "SearchDiverged": "_search",
     "SearchResult": "_search",
     "search": "_search",
@@ -162,6 +164,7 @@ if typing.TYPE_CHECKING:
         Method as Method,
         MethodContext as MethodContext,
     )
+    from ._metrics import read_metrics as read_metrics
     from ._mixed import (
         ArchLogits as ArchLogits,
         MixedOp as MixedOp,

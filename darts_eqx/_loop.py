@@ -1,7 +1,7 @@
-"""The search's outer loop: epochs of scan-fused chunks, each epoch's record, checkpoints,
-callbacks and early stopping. The steps themselves run inside the chunk (`_step.make_chunk_fn`)."""
+"""The search's outer loop: epochs of scan-fused chunks, each epoch's record, each chunk's metrics
+record, checkpoints, callbacks and early stopping. The steps themselves run inside the chunk
+(`_step.make_chunk_fn`)."""
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,10 +15,17 @@ from jax.sharding import Mesh
 
 from . import _parallel, _resume
 from ._config import SearchConfig
+from ._metrics import MetricsLog, ProgressReport, alpha_entropies
 from ._mixed import combine_arch
 from ._optim import epoch_lr
 from ._state import SearchState, StepMetrics
 from ._supernet import arch_weights
+
+# What the progress report shows of each epoch's record.
+_SHOWN = ("train_loss", "train_acc", "val_loss", "val_acc")
+# Fields an epoch's record gets at the epoch's end (`SearchLoop.epoch_end`) that its last chunk's
+# metrics record carries too.
+_EPOCH_EXTRAS = ("hessian_eigenvalue",)
 
 
 class SearchDiverged(FloatingPointError):
@@ -68,7 +75,8 @@ class Progress:
 @dataclass
 class SearchLoop:
     """Runs epochs of `chunk`s (see the module docstring). `epoch_end(record, state, epoch)` adds to
-    each epoch's record (the Hessian eigenvalue); `stop(history)` ends the search early."""
+    each epoch's record (the Hessian eigenvalue); `stop(history)` ends the search early; `metrics`
+    takes a record of each chunk."""
 
     chunk: Callable[[tuple, SearchState], tuple[SearchState, StepMetrics]]
     schedule: Schedule
@@ -82,38 +90,44 @@ class SearchLoop:
     callback: Callable[[list[dict], Any], object] | None = None
     epoch_end: Callable[[dict, SearchState, int], object] | None = None
     stop: Callable[[list[dict]], bool] | None = None
+    metrics: MetricsLog = field(default_factory=MetricsLog)
 
     def run(self, progress: Progress, show: bool | None) -> Progress:
         s = self.schedule
-        bar = progress_bar(
-            self.config.epochs * s.steps_per_epoch, progress.epoch * s.steps_per_epoch + progress.epoch_step, show
-        )
+        done_steps = progress.epoch * s.steps_per_epoch + progress.epoch_step
+        report = ProgressReport(self.config.epochs * s.steps_per_epoch, done_steps, self.config.epochs, show, _SHOWN)
         try:
+            self.metrics.open(int(_parallel.fetch(progress.state.step)))
             for epoch in range(progress.epoch, self.config.epochs):
                 start = time.perf_counter()
-                self._run_chunks(progress, epoch, bar)
+                last = self._run_chunks(progress, epoch, report)
                 record = self._record(progress, epoch)
+                if last is not None:  # the epoch's last chunk: its record also has the epoch's extras
+                    self.metrics.write({**last, **{k: record[k] for k in _EPOCH_EXTRAS if k in record}})
                 progress.history.append(record)
                 progress.epoch_seconds.append(time.perf_counter() - start)
                 progress.epoch, progress.epoch_step, progress.epoch_metrics = epoch + 1, 0, []
                 if self.checkpoint_dir:
                     self._save(progress)
-                bar.set_postfix(
-                    epoch=epoch + 1, train_acc=f"{record['train_acc']:.3f}", val_acc=f"{record['val_acc']:.3f}"
-                )
+                report.epoch(record, progress.epoch_seconds[-1])
                 if self.callback is not None:
                     self.callback(list(progress.history), self._supernet(progress.state))
                 if self.stop is not None and self.stop(progress.history):
                     progress.stopped_at = epoch + 1
                     break
         finally:
-            bar.close()
+            report.close()
+            self.metrics.close()
         return progress
 
-    def _run_chunks(self, progress: Progress, epoch: int, bar) -> None:
+    def _run_chunks(self, progress: Progress, epoch: int, report: ProgressReport) -> dict | None:
+        """Run what is left of `epoch`; each chunk's metrics record is written as it comes, but the
+        last chunk's is returned (None without a metrics log) to be completed at the epoch's end.
+        A record is written before the checkpoint of its step, so a resumed run misses none."""
         s, mesh = self.schedule, self.mesh
         train_idx, val_idx = s.indices(epoch, host=mesh is not None)
-        unsaved_steps = 0
+        lrs = {"w_lr": float(epoch_lr(self.config, epoch)), "a_lr": float(self.config.a_lr)}
+        unsaved_steps, record = 0, None
         for c in range(progress.epoch_step // s.chunk_len, s.chunks):
             step_before = int(_parallel.fetch(progress.state.step))
             idx = _parallel.shard_rows(train_idx[c], mesh), _parallel.shard_rows(val_idx[c], mesh)
@@ -122,12 +136,28 @@ class SearchLoop:
             _check_finite(m, progress.state, step_before, epoch, progress.last_checkpoint)
             progress.epoch_metrics.append(m)
             progress.epoch_step = (c + 1) * s.chunk_len
-            bar.update(s.chunk_len)
+            report.update(s.chunk_len)
+            if self.metrics.enabled:
+                record = self._chunk_record(progress.state, m, step_before + s.chunk_len, epoch, lrs)
+                if progress.epoch_step < s.steps_per_epoch:
+                    self.metrics.write(record)
             unsaved_steps += s.chunk_len
             due = unsaved_steps + s.chunk_len > self.checkpoint_every
             if self.checkpoint_dir and progress.epoch_step < s.steps_per_epoch and due:
                 self._save(progress)
                 unsaved_steps = 0
+        return record
+
+    def _chunk_record(self, state: SearchState, metrics: StepMetrics, step: int, epoch: int, lrs: dict) -> dict:
+        """One chunk's metrics record: its steps' mean metrics, the learning rates, and the entropy
+        of softmax(alpha) after it."""
+        return {
+            "step": step,
+            "epoch": epoch + 1,
+            **{name: float(np.mean(values)) for name, values in metrics._asdict().items()},
+            **lrs,
+            **alpha_entropies(arch_weights(self._supernet(state))),
+        }
 
     def _record(self, progress: Progress, epoch: int) -> dict:
         metrics = StepMetrics(*(np.concatenate(v) for v in zip(*progress.epoch_metrics)))
@@ -157,20 +187,6 @@ class SearchLoop:
             "epoch_metrics": joined,
         }
         progress.last_checkpoint = _resume.save(self.checkpoint_dir, progress.state, record)
-
-
-def progress_bar(total: int, initial: int, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    # tqdm's disable=None turns the bar off when stderr is not a terminal.
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="step",
-        disable=None if enabled is None else not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
 
 
 @eqx.filter_jit

@@ -23,6 +23,7 @@ from ._guards import grew, hessian_eigenvalue
 from ._loop import Progress, Schedule, SearchDiverged, SearchLoop
 from ._loss import supernet_loss
 from ._methods import MethodContext, Plugin, chain, from_config, parts
+from ._metrics import MetricsLog
 from ._mixed import combine_arch, split_arch
 from ._optim import arch_optimizer, weight_optimizer
 from ._skeleton import CellNetwork
@@ -65,6 +66,9 @@ def search(
     checkpoint_every: int = _resume.DEFAULT_CHECKPOINT_EVERY,
     resume: bool = False,
     allow_changes=(),
+    metrics_dir: str | os.PathLike | None = None,
+    tensorboard: bool = False,
+    on_metrics=None,
     **options,
 ) -> SearchResult:
     """Run a DARTS search (first or second order, as `config.order` says).
@@ -80,7 +84,8 @@ def search(
     - `method`: a method plug-in of the user's own (`darts_eqx.Method`), run after the ones the
       config names (first or second order, `beta_reg`, `aux_skip`): its relaxation stacks on
       theirs, its loss term adds to theirs, and it may set the estimator or the selection.
-    - `progress`: show a progress bar (default: only on a terminal).
+    - `progress`: progress on stderr: None (default) shows a bar on a terminal, else one plain
+      line per epoch (losses, accuracies, seconds); True the bar anywhere; False nothing.
     - `callback`: called as `callback(history, supernet)` after each epoch, with the list of all
       epoch records so far (restored ones included after a resume).
     - `checkpoint_dir`: write checkpoints of the whole search state there, at least every
@@ -91,6 +96,20 @@ def search(
       jax/darts_eqx versions); another execution resumes it too. A checkpoint of another config,
       data set or key is a `CheckpointError` naming the differences; `allow_changes=("epochs",)`
       accepts a different number of epochs.
+    - `metrics_dir`: the run folder to write `metrics.jsonl` into: one JSON record per chunk of
+      steps (`execution.steps_per_chunk`; default an epoch), flushed as it goes, with `step` (steps
+      done), `epoch` (from 1), the chunk's mean `train_loss`, `train_acc`, `val_loss`, `val_acc`,
+      `w_grad_norm` and `a_grad_norm`, the learning rates `w_lr` and `a_lr`, the entropy of
+      softmax(alpha) per cell kind after the chunk (`entropy_normal`, `entropy_reduce`; `entropy`
+      for spaces with one kind of cell: the mean over edges, in nats), and in an epoch's last
+      record the `hessian_eigenvalue` when the config tracks it. `darts_eqx.read_metrics` reads it
+      back. With `resume`, records past the restored checkpoint's step are dropped before the
+      search appends, so the file ends as the uninterrupted search's; without, it starts anew.
+    - `tensorboard`: also write each record's scalars as TensorBoard event files under
+      `metrics_dir/tensorboard/` (needs the `tensorboard` extra).
+    - `on_metrics`: called as `on_metrics(record)` with each record as it is written (a dict as
+      above, also without `metrics_dir`), e.g. to forward it to an experiment tracker. Process 0
+      alone writes records and calls it.
 
     Data-parallel (`execution.devices`): each global batch is split over the devices, everything
     else is replicated, and gradients and batch-norm statistics are over the global batch: the same
@@ -104,6 +123,7 @@ def search(
     config = (config or SearchConfig()).replace(**options)
     execution = as_execution(execution).resolve(config)
     checkpoint_dir, allow_changes = _resume.check_options(checkpoint_dir, checkpoint_every, resume, allow_changes)
+    metrics = MetricsLog(metrics_dir, tensorboard, on_metrics)
     execution.use_compile_cache()
     mesh = _parallel.data_mesh(execution.devices)
     _parallel.check_batch(config.batch_size, mesh)
@@ -131,8 +151,8 @@ def search(
     estimate = dict(arch_grad=arch_grad, arch_reg=arch_reg, arch_view=arch_view)
     chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, **estimate)
     epoch_end, stop = _hessian_tracking(config, static, device_data, schedule.val_pool, key_split)
-    checkpoints = (checkpoint_dir, checkpoint_every, identity)
-    loop = SearchLoop(chunk, schedule, device_data, mesh, static, config, *checkpoints, callback, epoch_end, stop)
+    checkpoints, reports = (checkpoint_dir, checkpoint_every, identity), (callback, epoch_end, stop, metrics)
+    loop = SearchLoop(chunk, schedule, device_data, mesh, static, config, *checkpoints, *reports)
     done = loop.run(start, progress)
     return _result(done, static, config, execution, mesh, key_impl, select or derive_genotype)
 

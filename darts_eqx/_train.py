@@ -8,6 +8,7 @@ threaded through the `lax.scan` carry; test accuracy each epoch with the running
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +25,13 @@ from ._checks import non_negative, positive, positive_ints, replace_known
 from ._data import load
 from ._dtype import float_dtype
 from ._execution import Execution, as_execution
-from ._loop import progress_bar
+from ._metrics import MetricsLog, ProgressReport
 from ._norm import with_running_norms
 from ._optim import clipped_sgd, cosine_lr
 from ._skeleton import CellNetwork, count_parameters, has_running_norms
 from ._spaces import check_image_size, get_space
+
+_SHOWN = ("train_loss", "train_acc", "test_acc")  # of each epoch's record, in the progress report
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,9 @@ def train(
     execution: Execution | None = None,
     progress: bool | None = None,
     callback=None,
+    metrics_dir: str | os.PathLike | None = None,
+    tensorboard: bool = False,
+    on_metrics=None,
     **options,
 ) -> TrainResult:
     """Train on `data`'s training split, with test accuracy on its test split after each epoch.
@@ -202,9 +208,18 @@ def train(
     discretised supernet, fine-tuned from its supernet weights with its batch norms given running
     statistics; `channels`, `layers` and `auxiliary` then come from the network).
     `callback(history, model, state)` is called after each epoch; `execution` says how the training
-    runs (its `steps_per_chunk`, formulations, XLA preset)."""
+    runs (its `steps_per_chunk`, formulations, XLA preset). `progress` is as for `search`: None (the
+    default) shows a bar on a terminal, else one plain line per epoch on stderr.
+
+    `metrics_dir` is a run folder to write `metrics.jsonl` into, a fresh one each call: one JSON
+    record per chunk of steps (default an epoch), flushed as it goes, with `step` (steps done),
+    `epoch` (from 1), the chunk's mean `train_loss` and `train_acc`, the epoch's `lr` and
+    `drop_prob`, and in an epoch's last record its `test_acc`. `tensorboard=True` also writes them
+    as TensorBoard event files under `metrics_dir/tensorboard/` (the `tensorboard` extra);
+    `on_metrics(record)` is called with each record as it is written."""
     config = (config or TrainConfig()).replace(**options)
     execution = as_execution(execution)
+    log = MetricsLog(metrics_dir, tensorboard, on_metrics)
     execution.use_compile_cache()
     data = _checked(load(data), config)
     assert data.x_test is not None  # `_checked` requires a test split
@@ -221,46 +236,82 @@ def train(
     evaluate = make_evaluate(static)
     images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     test = tuple(jnp.asarray(a) for a in _batched(data.x_test, data.y_test, config.batch_size))
+    sizes = (len(data.x_test), steps_per_epoch, chunk_len)
 
     history, seconds = [], []
-    bar = progress_bar(config.epochs * steps_per_epoch, 0, progress)
+    report = ProgressReport(config.epochs * steps_per_epoch, 0, config.epochs, progress, _SHOWN)
+    epochs = _Epochs(chunk, evaluate, config, (images, labels), test, key_order, *sizes, report, log)
+    log.open(0)
     try:
         for epoch in range(config.epochs):
             start = time.perf_counter()
-            drop_prob = jnp.asarray(config.drop_path_prob * epoch / config.epochs, float_dtype())
-            order = jax.random.permutation(jax.random.fold_in(key_order, epoch), len(images))
-            idx = order[: steps_per_epoch * config.batch_size].reshape(chunks, chunk_len, config.batch_size)
-            carry, loss, acc = _run_epoch(chunk, carry, (images, labels), idx, drop_prob, bar)
-            _check_finite(loss, epoch, steps_per_epoch)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(loss.mean()),
-                "train_acc": float(acc.mean()),
-                "test_acc": int(evaluate(carry[0], carry[2], *test)) / len(data.x_test),
-                "lr": float(epoch_lr(config, epoch)),
-                "drop_prob": float(drop_prob),
-            }
+            carry, record = epochs.run(carry, epoch)
             history.append(record)
             seconds.append(time.perf_counter() - start)
-            bar.set_postfix(epoch=epoch + 1, train=f"{record['train_acc']:.3f}", test=f"{record['test_acc']:.3f}")
+            report.epoch(record, seconds[-1])
             if callback is not None:
                 callback(list(history), eqx.combine(carry[0], static), carry[2])
     finally:
-        bar.close()
+        report.close()
+        log.close()
     trained = eqx.combine(carry[0], static)
     from_genotype = not isinstance(architecture, CellNetwork)
     return TrainResult(trained, carry[2], history, count_parameters(model), config, seconds, from_genotype)
 
 
-def _run_epoch(chunk, carry, data, idx, drop_prob, bar):
+@dataclass
+class _Epochs:
+    """One training epoch after another: the compiled chunk and evaluation, the data (training
+    images and labels; the test set in batches with its padding mask), the key of the images'
+    order, the test set's size, the epoch's steps and chunk length, and where it reports."""
+
+    chunk: Callable
+    evaluate: Callable
+    config: TrainConfig
+    data: tuple
+    test: tuple
+    key_order: PRNGKeyArray
+    test_size: int
+    steps_per_epoch: int
+    chunk_len: int
+    report: ProgressReport
+    metrics: MetricsLog
+
+    def run(self, carry, epoch: int) -> tuple[Any, dict]:
+        """`(carry, record)` after `epoch` (from 0): each chunk's metrics record is written as it
+        comes, the last one with the epoch's test accuracy."""
+        config, images = self.config, self.data[0]
+        drop_prob = jnp.asarray(config.drop_path_prob * epoch / config.epochs, float_dtype())
+        order = jax.random.permutation(jax.random.fold_in(self.key_order, epoch), len(images))
+        idx = order[: self.steps_per_epoch * config.batch_size].reshape(-1, self.chunk_len, config.batch_size)
+        rates = {"lr": float(epoch_lr(config, epoch)), "drop_prob": float(drop_prob)}
+        records = []
+
+        def on_chunk(c: int, loss, acc):
+            first = epoch * self.steps_per_epoch + c * self.chunk_len  # the global index of loss[0]
+            _check_finite(loss, first, epoch)
+            self.report.update(len(loss))
+            mean = {"train_loss": float(loss.mean()), "train_acc": float(acc.mean())}
+            records.append({"step": first + len(loss), "epoch": epoch + 1, **mean, **rates})
+            if c < len(idx) - 1:
+                self.metrics.write(records[-1])
+
+        carry, loss, acc = _run_epoch(self.chunk, carry, self.data, idx, drop_prob, on_chunk)
+        test_acc = int(self.evaluate(carry[0], carry[2], *self.test)) / self.test_size
+        self.metrics.write({**records[-1], "test_acc": test_acc})
+        record = {"epoch": epoch + 1, "train_loss": float(loss.mean()), "train_acc": float(acc.mean())}
+        return carry, {**record, "test_acc": test_acc, **rates}
+
+
+def _run_epoch(chunk, carry, data, idx, drop_prob, on_chunk):
     """`(carry, loss, acc)`: `carry` after one epoch's chunks of step indices `idx[chunk, step,
-    batch]`, and each step's loss and accuracy."""
+    batch]`, and each step's loss and accuracy, which `on_chunk(c, loss, acc)` gets after chunk `c`."""
     metrics = []
-    for chunk_idx in idx:
+    for c, chunk_idx in enumerate(idx):
         carry, m = chunk((*data, chunk_idx, drop_prob), carry)
-        metrics.append(m)
-        bar.update(len(chunk_idx))
-    loss, acc = (np.concatenate([np.asarray(m[i]) for m in metrics]) for i in (0, 1))
+        metrics.append(tuple(np.asarray(v) for v in m))
+        on_chunk(c, *metrics[-1])
+    loss, acc = (np.concatenate([m[i] for m in metrics]) for i in (0, 1))
     return carry, loss, acc
 
 
@@ -297,12 +348,11 @@ def _checked(data, config: TrainConfig):
     return data
 
 
-def _check_finite(loss, epoch: int, steps_per_epoch: int) -> None:
+def _check_finite(loss, first: int, epoch: int) -> None:
+    """Stop at the first non-finite loss of a chunk whose first step has global index `first`."""
     if not np.all(np.isfinite(loss)):
         bad = int(np.flatnonzero(~np.isfinite(loss))[0])
-        raise FloatingPointError(
-            f"training loss became non-finite at step {epoch * steps_per_epoch + bad + 1} (epoch {epoch + 1})"
-        )
+        raise FloatingPointError(f"training loss became non-finite at step {first + bad + 1} (epoch {epoch + 1})")
 
 
 def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes: int, in_channels: int) -> None:
