@@ -101,6 +101,7 @@ def _search_parser(s) -> None:
         help="continue the search in --out from its newest good checkpoint; options not given are "
         "taken from its config.json and execution.json",
     )
+    _tensorboard_option(run)
     run.add_argument(
         "--allow-change",
         action="append",
@@ -127,6 +128,15 @@ def _search_parser(s) -> None:
         "(default: shared for order 2 with finite_difference on CPU)",
     )
     s.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+
+
+def _tensorboard_option(group) -> None:
+    group.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write metrics.jsonl's scalars as TensorBoard event files under OUT/tensorboard/ "
+        "(pip install 'darts_eqx[tensorboard]')",
+    )
 
 
 def _execution_group(parser):
@@ -167,7 +177,9 @@ def _train_parser(t) -> None:
     )
     meaning.add_argument("--cutout", action=argparse.BooleanOptionalAction, default=None, help="cutout augmentation")
     meaning.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", help="run folder (default: a new folder under runs/)")
+    run = t.add_argument_group("run folder")
+    run.add_argument("--out", help="run folder (default: a new folder under runs/)")
+    _tensorboard_option(run)
     _execution_group(t)
     t.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
 

@@ -59,6 +59,17 @@ def _run_settings(args) -> tuple[str, int, int, dict, dict]:
     return dataset, seed, every, saved, execution
 
 
+def _check_tensorboard(args) -> None:
+    """With --tensorboard, fail before any work when its writer is not installed."""
+    if args.tensorboard:
+        from ._metrics import check_tensorboard
+
+        try:
+            check_tensorboard()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+
+
 def _join_cluster(args) -> None:
     from . import _parallel
 
@@ -104,6 +115,7 @@ def search(args) -> None:
     from ._search import search
 
     use_compile_cache(args.compile_cache)
+    _check_tensorboard(args)
     _join_cluster(args)
     main_process = _parallel.is_main_process()  # the one that writes the run folder and prints
     if jax.process_count() > 1 and not args.out:
@@ -146,6 +158,8 @@ def search(args) -> None:
         resume=args.resume,
         allow_changes=args.allow_change,
         progress=None if main_process else False,
+        metrics_dir=out,
+        tensorboard=args.tensorboard,
     )
     if main_process:
         save_history(result.history, result.supernet)
@@ -163,7 +177,7 @@ def _write_search_results(result, out: str, seconds: float, nb201_table) -> None
     last = result.history[-1]
     print(
         f"done in {seconds:.0f} s: train acc {last['train_acc']:.3f}, "
-        f"val acc {last['val_acc']:.3f}; wrote {out}/genotype.json, history.json",
+        f"val acc {last['val_acc']:.3f}; wrote {out}/genotype.json, history.json, metrics.jsonl",
         file=sys.stderr,
     )
     if _has_cell_pictures(result.genotype):
@@ -212,6 +226,7 @@ def train(args) -> None:
     from ._train import TrainConfig, save_trained, train
 
     use_compile_cache(args.compile_cache)
+    _check_tensorboard(args)
     genotype = read_genotype(args.genotype)
     data = load(args.dataset)
     options = dict(TRAIN_DIGITS_DEFAULTS) if data.name == "digits" else {}
@@ -233,12 +248,15 @@ def train(args) -> None:
         atomic_write_text(os.path.join(out, "history.json"), json.dumps(history, indent=1))
 
     start = time.perf_counter()
-    result = train(jax.random.key(args.seed), genotype, data, config, execution=execution, callback=save_history)
+    metrics = {"metrics_dir": out, "tensorboard": args.tensorboard}
+    result = train(
+        jax.random.key(args.seed), genotype, data, config, execution=execution, callback=save_history, **metrics
+    )
     save_trained(out, result, data.num_classes, data.image_shape[2])
     last = result.history[-1]
     print(
         f"done in {time.perf_counter() - start:.0f} s: {result.parameters:,} parameters, train acc "
-        f"{last['train_acc']:.3f}, test acc {last['test_acc']:.3f}; wrote {out}/history.json, model.eqx",
+        f"{last['train_acc']:.3f}, test acc {last['test_acc']:.3f}; wrote {out}/history.json, metrics.jsonl, model.eqx",
         file=sys.stderr,
     )
 
