@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._conv import conv2d, pointwise_conv
+from ._dtype import float_dtype
 from ._norm import BatchNorm, Normalisation, RunningBatchNorm
 from ._ops import Conv2d, Images, Output, _uniform
 
@@ -68,7 +69,9 @@ class Head(eqx.Module):
 
     def __init__(self, channels: int, num_classes: int, norm: Normalisation | None = None, *, key: PRNGKeyArray):
         self.norm = None if norm is None else norm(channels, affine=True)
-        self.classifier = eqx.nn.Linear(channels, num_classes, key=key)
+        # drawn in float32 like every other weight, so float64 starts from the same network
+        linear = eqx.nn.Linear(channels, num_classes, dtype=jnp.float32, key=key)
+        self.classifier = jax.tree.map(lambda w: w.astype(float_dtype()), linear)
 
     def __call__(self, x: Images, state: Any = None) -> tuple[Logits, Any]:
         if self.norm is not None:

@@ -169,7 +169,7 @@ def make_evaluate(static):
         def body(total, batch):
             x, y, ok = batch
             logits, _, _ = model(x, bn_state, train=False)
-            return total + jnp.sum((jnp.argmax(logits, -1) == y) & ok), None
+            return total + jnp.sum((jnp.argmax(logits, -1) == y) & ok, dtype=total.dtype), None
 
         return lax.scan(body, jnp.zeros((), jnp.int32), (images, labels, valid))[0]
 

@@ -1,5 +1,6 @@
 """Run by test_multidevice.py in a fresh interpreter, so that XLA_FLAGS can give JAX several CPU
-devices before it starts. `local`: 1- vs 4-device searches in one process; `process I P PORT DIR`:
+devices before it starts. `local`: 1- vs 4-device searches in one process; `float64 SPACE...`:
+the same in float64; `process I P PORT DIR`:
 process I of P in a jax.distributed run on localhost. Prints one JSON line."""
 
 import json
@@ -7,9 +8,12 @@ import os
 import sys
 
 mode = sys.argv[1]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if mode == 'local' else 2}"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 if mode == 'process' else 4}"
 os.environ["JAX_PLATFORMS"] = "cpu"
+if mode == "float64":
+    os.environ["JAX_ENABLE_X64"] = "1"
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -18,6 +22,7 @@ from helpers import tiny_arrays  # noqa: E402
 
 import darts_eqx as dx  # noqa: E402
 from darts_eqx import _parallel  # noqa: E402
+from darts_eqx._loss import supernet_loss  # noqa: E402
 from darts_eqx._optim import arch_optimizer, weight_optimizer  # noqa: E402
 from darts_eqx._step import make_chunk_fn  # noqa: E402
 from darts_eqx._supernet import build_supernet  # noqa: E402
@@ -28,10 +33,25 @@ OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, prog
 
 def summary(result):
     return {
-        "alpha": np.asarray(result.supernet.arch.alpha["cell"].logits).tolist(),
+        "alpha": [np.asarray(a.logits).tolist() for a in result.supernet.arch.alpha.values()],
         "history": result.history,
         "genotype": result.genotype.to_json(),
     }
+
+
+def gradients(devices: int, **options) -> list[list]:
+    """The weights' and alpha's gradients of the loss of one batch of 16, split over `devices`."""
+    config = dx.SearchConfig(**{k: v for k, v in {**OPTIONS, **options}.items() if k != "progress"})
+    mesh = _parallel.data_mesh(devices)
+    model = build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
+    arch, weights, static = dx.split_arch(model)
+    arch, weights = _parallel.replicate((arch, weights), mesh)
+    x, y = DATA.x_train[:16], DATA.y_train[:16]
+    if mesh is not None:
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_parallel.AXIS))
+        x, y = jax.device_put(x, batch), jax.device_put(y, batch)
+    grad = eqx.filter_jit(jax.grad(lambda a, w: supernet_loss(a, w, static, x, y)[0], argnums=(0, 1)))
+    return [np.asarray(g).tolist() for g in jax.tree.leaves(grad(arch, weights))]
 
 
 def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> str:
@@ -84,12 +104,29 @@ if mode == "local":
     out["kernel_calls"] = {
         n: compiled_chunk_text(n, lowered_only=True, **darts).count("darts_eqx_depthwise_forward") for n in (1, 4)
     }
+    # float32: one step's gradients, with the C++ kernel on one device and composed kernels on four
+    out["gradients"] = {n: gradients(n, **darts) for n in (1, 4)}
     out["errors"] = []
     for devices, options in ((4, dict(batch_size=18)), (5, {}), (0, {})):
         try:
             dx.search(jax.random.key(3), DATA, execution=dx.Execution(devices=devices), **{**OPTIONS, **options})
         except ValueError as e:
             out["errors"].append(str(e))
+    print(json.dumps(out))
+elif mode == "float64":
+    # the same searches in float64, where only the order of the sums over the batch differs
+    out = {"dtype": str(DATA.x_train.dtype)}
+    spaces = {
+        "seed": dict(space="seed"),
+        "darts": dict(space="darts", layers=2, channels=4),
+        "nb201": dict(space="nb201", layers=1),
+    }
+    for name in sys.argv[2:]:
+        space = spaces[name]
+        options = {**OPTIONS, **space}
+        out[name] = {
+            n: summary(dx.search(jax.random.key(3), DATA, execution=dx.Execution(devices=n), **options)) for n in (1, 4)
+        }
     print(json.dumps(out))
 else:
     index, count, port, directory = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]

@@ -19,6 +19,7 @@ from darts_eqx import _native
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 # Sums over the batch run in another order when split over devices: float32 rounding only.
 RTOL, ATOL = 1e-4, 1e-7
+OPTIONS_EPOCHS = 2  # multidevice_worker.OPTIONS
 
 
 def worker(*args, timeout=600):
@@ -52,6 +53,43 @@ def test_four_devices_compute_the_one_device_search(local):
     assert local["kernel_calls"]["4"] == 0
     # not trivially equal: alpha moved from its init during the 8 steps
     assert np.abs(np.asarray(local["one"]["alpha"])).max() > 2e-3
+
+
+def test_four_devices_give_one_devices_gradients_in_float32(local):
+    # one device runs the C++ depthwise kernel, four the composed kernels: float32 rounding only
+    one, four = local["gradients"]["1"], local["gradients"]["4"]
+    assert len(one) == len(four) > 0
+    for a, b in zip(one, four):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def assert_float64_search_agrees(run: dict, space: str):
+    """Batch-norm statistics, losses and gradients over the global batch, the same random draws
+    and data order: in float64 the searches agree to the order of the sums over the batch."""
+    assert run["dtype"] == "float64"
+    one, four = run[space]["1"], run[space]["4"]
+    assert one["genotype"] == four["genotype"]
+    assert len(one["history"]) == len(four["history"]) == OPTIONS_EPOCHS
+    for x, y in zip(one["history"], four["history"]):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_allclose(np.asarray(y[key]), np.asarray(x[key]), rtol=1e-9, atol=1e-12, err_msg=key)
+    for a, b in zip(one["alpha"], four["alpha"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-12)
+    # not trivially equal: alpha moved from its init
+    assert max(np.abs(np.asarray(a)).max() for a in one["alpha"]) > 2e-3
+
+
+def test_four_devices_compute_the_one_device_search_in_float64():
+    assert_float64_search_agrees(worker("float64", "seed"), "seed")
+
+
+@pytest.mark.slow
+def test_four_devices_compute_the_one_device_darts_and_nb201_searches_in_float64():
+    run = worker("float64", "darts", "nb201", timeout=1800)
+    for space in ("darts", "nb201"):
+        assert_float64_search_agrees(run, space)
 
 
 def test_four_device_checkpoint_resumes_on_one_device(local):
@@ -101,7 +139,7 @@ def test_two_processes_on_localhost_compute_the_one_device_search(tmp_path):
         progress=False,
     )
     reference = {
-        "alpha": np.asarray(single.supernet.arch.alpha["cell"].logits).tolist(),
+        "alpha": [np.asarray(single.supernet.arch.alpha["cell"].logits).tolist()],
         "history": single.history,
         "genotype": single.genotype.to_json(),
     }
