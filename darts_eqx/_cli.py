@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NUM_CLASSES_HELP = "the number of classes (default: the data set's, or the largest training label + 1)"
+
+
 def _search_parser(s) -> None:
     from ._resume import DEFAULT_CHECKPOINT_EVERY, SAFE_TO_CHANGE
 
@@ -86,6 +89,7 @@ def _search_parser(s) -> None:
     meaning.add_argument(
         "--hessian", action="store_true", default=None, help="record the dominant Hessian eigenvalue per epoch"
     )
+    meaning.add_argument("--num-classes", type=int, help=_NUM_CLASSES_HELP)
     meaning.add_argument("--seed", type=int, help="PRNG seed (default: 0)")
     run = s.add_argument_group("run folder and checkpoints")
     run.add_argument("--out", help="run folder (default: a new folder under runs/)")
@@ -168,6 +172,7 @@ def _train_parser(t) -> None:
         "--genotype", required=True, help="a genotype.json, a file with Genotype(...), or a name (DARTS_V2)"
     )
     meaning.add_argument("--dataset", default="digits", help="as for search; needs a test split")
+    meaning.add_argument("--num-classes", type=int, help=_NUM_CLASSES_HELP)
     meaning.add_argument("--epochs", type=int)
     meaning.add_argument("--channels", type=int, help="initial channels C (paper: 36)")
     meaning.add_argument("--layers", type=int, help="number of cells (paper: 20)")

@@ -48,15 +48,24 @@ def _run_settings(args) -> tuple[str, int, int, dict, dict]:
     if args.resume:
         if not args.out:
             raise ValueError("--resume needs --out DIR, the run folder to continue")
+        if not os.path.isdir(args.out):
+            raise ValueError(f"--resume: there is no run folder {args.out!r} to continue (drop --resume to start one)")
         saved = _read_json(os.path.join(args.out, "config.json"), "options")
         ran = _read_json(os.path.join(args.out, "execution.json"), "execution")
     dataset, seed, every = saved.pop("dataset", None), saved.pop("seed", None), saved.pop("checkpoint_every", None)
+    classes = saved.pop("num_classes", None)
+    args.num_classes = args.num_classes if args.num_classes is not None else classes
     dataset = args.dataset or dataset or "digits"
     seed = args.seed if args.seed is not None else 0 if seed is None else seed
     every = args.checkpoint_every if args.checkpoint_every is not None else every or DEFAULT_CHECKPOINT_EVERY
     execution = {k: v for k, v in ran.items() if k in EXECUTION_OPTIONS}
     execution.update({k: getattr(args, k) for k in EXECUTION_OPTIONS if getattr(args, k, None) is not None})
     return dataset, seed, every, saved, execution
+
+
+def _with_classes(data, num_classes: int | None):
+    """`data`, with `--num-classes` classes when given."""
+    return data if num_classes is None else data.with_num_classes(num_classes)
 
 
 def _check_tensorboard(args) -> None:
@@ -121,7 +130,7 @@ def search(args) -> None:
     if jax.process_count() > 1 and not args.out:
         raise ValueError("a search over several processes needs --out DIR, one run folder (shared for --resume)")
     dataset, seed, checkpoint_every, options, ran = _run_settings(args)
-    data = load(dataset)
+    data = _with_classes(load(dataset), args.num_classes)
     config = _search_config(args, data, options)
     execution = Execution(**ran, devices=args.devices).resolve(config)
     out = args.out or _new_run_dir()
@@ -132,6 +141,8 @@ def search(args) -> None:
         os.makedirs(out, exist_ok=True)
         print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
     settings = {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)}
+    if args.num_classes is not None:
+        settings["num_classes"] = args.num_classes
     ran = {k: getattr(execution, k) for k in EXECUTION_OPTIONS}
 
     def save_settings():
@@ -228,7 +239,7 @@ def train(args) -> None:
     use_compile_cache(args.compile_cache)
     _check_tensorboard(args)
     genotype = read_genotype(args.genotype)
-    data = load(args.dataset)
+    data = _with_classes(load(args.dataset), args.num_classes)
     options = dict(TRAIN_DIGITS_DEFAULTS) if data.name == "digits" else {}
     for name in ("epochs", "channels", "layers", "batch_size", "auxiliary", "cutout"):
         if getattr(args, name) is not None:

@@ -5,6 +5,7 @@ Everything is checked here, before any compilation: a bad shape, dtype, pixel or
 `ValueError` naming it.
 """
 
+import dataclasses
 import os
 import zipfile
 from dataclasses import dataclass
@@ -37,6 +38,16 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
+
+    def with_num_classes(self, num_classes: int) -> "ImageData":
+        """The same data with `num_classes` classes (more than its labels show: classes absent
+        from this sample); a `ValueError` if a label does not fit."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes (={num_classes!r}) must be an integer >= 2")
+        for y, what in ((self.y_train, "training labels"), (self.y_test, "test labels")):
+            if y is not None and y.max() >= num_classes:
+                raise ValueError(f"{what} of {self.name!r} hold {int(y.max())}, outside [0, {num_classes})")
+        return dataclasses.replace(self, num_classes=num_classes)
 
     def __repr__(self) -> str:
         test = 0 if self.x_test is None else len(self.x_test)

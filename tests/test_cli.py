@@ -3,8 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 from helpers import tiny_arrays
 
+import darts_eqx as dx
 from darts_eqx._cli import main
 
 
@@ -48,6 +50,24 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and err.startswith("darts-eqx: error:") and "nope.npz" in err and "Traceback" not in err
     code = main(["search", "--batch-size", "5000", "--out", str(tmp_path / "r")])
     assert code == 2 and "batch_size (=5000)" in capsys.readouterr().err
+
+
+def test_resume_of_a_missing_folder_and_too_few_classes_are_errors(tmp_path, capsys):
+    # a typo in --out must not silently start a new search
+    code = main(["search", "--resume", "--out", str(tmp_path / "typo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "there is no run folder" in err and "typo" in err
+    assert not (tmp_path / "typo").exists()
+    for command in (["search"], ["train", "--genotype", "DARTS_V2"]):
+        code = main([*command, "--num-classes", "5", "--out", str(tmp_path / "r")])
+        assert code == 2 and "training labels of 'digits' hold 9, outside [0, 5)" in capsys.readouterr().err
+
+
+def test_num_classes_beyond_the_labels():
+    data = dx.data.load("digits")
+    assert data.with_num_classes(12).num_classes == 12 and data.num_classes == 10
+    with pytest.raises(ValueError, match=r"num_classes \(=1\) must be an integer >= 2"):
+        data.with_num_classes(1)
 
 
 def test_darts_search_with_shared_trace_draws_its_cells_and_alphas(tmp_path):
