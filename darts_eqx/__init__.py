@@ -114,8 +114,8 @@ _DEFINED_IN = {
     "search_step": "_step",
     "TrainConfig": "_train",
     "TrainResult": "_train",
-    "load_trained": "_train",
-    "save_trained": "_train",
+    "load_trained": "_saved",
+    "save_trained": "_saved",
     "train": "_train",
     "GENOTYPES": "_zoo",
     "named_genotype": "_zoo",
@@ -178,6 +178,7 @@ if typing.TYPE_CHECKING:
         plot_alphas as plot_alphas,
         plot_cell as plot_cell,
     )
+    from ._saved import load_trained as load_trained, save_trained as save_trained
     from ._search import (
         SearchDiverged as SearchDiverged,
         SearchResult as SearchResult,
@@ -204,13 +205,7 @@ if typing.TYPE_CHECKING:
         derive_genotype as derive_genotype,
         discretize as discretize,
     )
-    from ._train import (
-        TrainConfig as TrainConfig,
-        TrainResult as TrainResult,
-        load_trained as load_trained,
-        save_trained as save_trained,
-        train as train,
-    )
+    from ._train import TrainConfig as TrainConfig, TrainResult as TrainResult, train as train
     from ._zoo import (
         GENOTYPES as GENOTYPES,
         named_genotype as named_genotype,

@@ -234,7 +234,8 @@ def train(args) -> None:
     from ._checkpoint import atomic_write_text
     from ._data import load
     from ._execution import Execution, use_compile_cache
-    from ._train import TrainConfig, save_trained, train
+    from ._saved import save_trained
+    from ._train import TrainConfig, train
 
     use_compile_cache(args.compile_cache)
     _check_tensorboard(args)

@@ -49,6 +49,21 @@ class ImageData:
                 raise ValueError(f"{what} of {self.name!r} hold {int(y.max())}, outside [0, {num_classes})")
         return dataclasses.replace(self, num_classes=num_classes)
 
+    def with_test_split(self, fraction: float, seed: int = 0) -> "ImageData":
+        """The same data with a share `fraction` of its training images (shuffled with `seed`, at
+        least one) held out as its test split; a `ValueError` if it already has one."""
+        if self.x_test is not None:
+            raise ValueError(f"data set {self.name!r} already has a test split")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction (={fraction!r}) must lie in (0, 1)")
+        order = np.random.default_rng(seed).permutation(len(self.x_train))
+        n_test = max(1, round(fraction * len(order)))
+        if n_test >= len(order):
+            raise ValueError(f"data set {self.name!r} has too few images ({len(order)}) to hold out a test split")
+        test, kept = order[:n_test], order[n_test:]
+        x, y = self.x_train, self.y_train
+        return dataclasses.replace(self, x_train=x[kept], y_train=y[kept], x_test=x[test], y_test=y[test])
+
     def __repr__(self) -> str:
         test = 0 if self.x_test is None else len(self.x_test)
         return (

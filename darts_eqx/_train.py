@@ -5,9 +5,9 @@ flip and cutout (16 px on 32x32) done in JAX inside the jitted step, with the au
 threaded through the `lax.scan` carry; test accuracy each epoch with the running BN statistics.
 """
 
-import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,6 @@ import optax
 from jax import lax
 from jaxtyping import PRNGKeyArray
 
-from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
 from ._checks import non_negative, positive, positive_ints, replace_known
 from ._data import load
 from ._dtype import float_dtype
@@ -31,6 +30,7 @@ from ._optim import clipped_sgd, cosine_lr
 from ._skeleton import CellNetwork, count_parameters, has_running_norms
 from ._spaces import check_image_size, get_space
 
+TEST_FRACTION = 0.1  # of the training images, held out when a data set has no test split
 _SHOWN = ("train_loss", "train_acc", "test_acc")  # of each epoch's record, in the progress report
 
 
@@ -201,7 +201,9 @@ def train(
     on_metrics=None,
     **options,
 ) -> TrainResult:
-    """Train on `data`'s training split, with test accuracy on its test split after each epoch.
+    """Train on `data`'s training split, with test accuracy on its test split after each epoch
+    (data without one: on 10% of its training images, held out with a warning). Images smaller
+    than 20x20 train without the auxiliary head (with a warning).
 
     `architecture` is a genotype (of any registered space; trained from scratch as its space's
     evaluation network of `config.channels` and `config.layers`), or what `discretize` returns (a
@@ -222,7 +224,8 @@ def train(
     log = MetricsLog(metrics_dir, tensorboard, on_metrics)
     execution.use_compile_cache()
     data = _checked(load(data), config)
-    assert data.x_test is not None  # `_checked` requires a test split
+    assert data.x_test is not None  # `_checked` holds one out if there is none
+    config = _fitted(config, architecture, data.image_shape)
     steps_per_epoch = len(data.x_train) // config.batch_size
     chunk_len, chunks = execution.chunking(steps_per_epoch, None)
     steps_per_epoch = chunks * chunk_len
@@ -339,13 +342,36 @@ def _trainable(architecture, config: TrainConfig, num_classes: int, image_shape,
 
 
 def _checked(data, config: TrainConfig):
-    """`data` if `config` can train on it: a test split, a batch that fits, a size the reduction
-    cells can halve twice; else a `ValueError` naming the problem."""
+    """`data` if `config` can train on it, a test split held out of it (with a warning) if it has
+    none; a `ValueError` if the batch does not fit."""
     if data.x_test is None:
-        raise ValueError(f"data set {data.name!r} has no test split: training from scratch reports test accuracy")
+        data = data.with_test_split(TEST_FRACTION)
+        warnings.warn(
+            f"data set {data.name!r} has no test split: test accuracy is measured on {len(data.x_test)} of its "
+            f"training images, held out (ImageData.with_test_split({TEST_FRACTION}))",
+            stacklevel=3,
+        )
     if len(data.x_train) < config.batch_size:
         raise ValueError(f"batch_size (={config.batch_size}) is larger than the {len(data.x_train)} training images")
     return data
+
+
+def _fitted(config: TrainConfig, architecture, image_shape) -> TrainConfig:
+    """`config`, without the auxiliary head (and a warning) when the images are too small for it:
+    the paper's head reads a 5x5 map or larger after the second reduction (a quarter of the image)."""
+    height, width = image_shape[:2]
+    space_name = getattr(architecture, "space", None)
+    if not config.auxiliary or isinstance(architecture, CellNetwork) or not isinstance(space_name, str):
+        return config
+    check_image_size(get_space(space_name), config, height, width)  # too small for the cells: that error first
+    if min(height, width) // 4 < 5:
+        warnings.warn(
+            f"{height}x{width} images are too small for the auxiliary head (it needs 20x20 or larger): training "
+            "without it (auxiliary=False)",
+            stacklevel=3,
+        )
+        return config.replace(auxiliary=False)
+    return config
 
 
 def _check_finite(loss, first: int, epoch: int) -> None:
@@ -353,50 +379,3 @@ def _check_finite(loss, first: int, epoch: int) -> None:
     if not np.all(np.isfinite(loss)):
         bad = int(np.flatnonzero(~np.isfinite(loss))[0])
         raise FloatingPointError(f"training loss became non-finite at step {first + bad + 1} (epoch {epoch + 1})")
-
-
-def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes: int, in_channels: int) -> None:
-    """Write `model.eqx` (network and batch-norm state) and `model.json` (what rebuilds it: the
-    genotype and the network's sizes). Only networks trained from a genotype are rebuilt this
-    way; save a fine-tuned discretised supernet with `eqx.tree_serialise_leaves`."""
-    if not result.from_genotype:
-        raise ValueError(
-            "save_trained rebuilds a network from its genotype; this one was fine-tuned from a discretised supernet: "
-            "save it with eqx.tree_serialise_leaves and load it into the same discretised supernet"
-        )
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    atomic_write_bytes(os.path.join(directory, "model.eqx"), serialised((result.model, result.state)))
-    spec = {
-        "genotype": result.model.genotype.to_json(),
-        "channels": result.config.channels,
-        "layers": result.config.layers,
-        "auxiliary": result.config.auxiliary,
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-    }
-    atomic_write_text(os.path.join(directory, "model.json"), json.dumps(spec, indent=2))
-
-
-def load_trained(directory: str | os.PathLike) -> tuple[CellNetwork, Any]:
-    """`(model, state)` written by `save_trained` / `darts-eqx train`; call
-    `model(x, state)` for inference logits."""
-    directory = os.fspath(directory)
-    try:
-        with open(os.path.join(directory, "model.json")) as f:
-            spec = json.load(f)
-        space = get_space(spec["genotype"]["space"])
-        genotype = space.topology.genotype_from_json(space, spec["genotype"])
-        like = space.topology.network(
-            space,
-            genotype,
-            spec["channels"],
-            spec["layers"],
-            spec["num_classes"],
-            spec["in_channels"],
-            spec["auxiliary"],
-            key=jax.random.key(0),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{directory} holds no readable trained model ({type(e).__name__}: {e})") from None
-    return eqx.tree_deserialise_leaves(os.path.join(directory, "model.eqx"), like)

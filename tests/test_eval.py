@@ -169,9 +169,24 @@ def test_cell_picture_engines_and_alpha_picture(tmp_path):
         dx.plot_alphas([{"epoch": 1}], tmp_path / "none.png")
 
 
+def test_training_a_users_small_arrays_holds_out_a_test_split_and_drops_the_auxiliary_head():
+    # (x, y) without a test split, 8x8 images, the paper's defaults otherwise: both said, then trained
+    with pytest.warns(UserWarning, match="too small for the auxiliary head"):
+        with pytest.warns(UserWarning, match="no test split: test accuracy is measured on 3 of its training images"):
+            result = dx.train(jax.random.key(0), V2, tiny_arrays(n=32), channels=2, layers=2, epochs=1, batch_size=8)
+    assert result.config.auxiliary is False and result.model.auxiliary is None
+    assert 0 <= result.history[0]["test_acc"] <= 1 and np.isfinite(result.history[0]["train_loss"])
+    data = dx.data.from_arrays(*tiny_arrays(n=32))
+    held = data.with_test_split(0.1)
+    assert (len(held.x_train), len(held.x_test)) == (29, 3)
+    # a partition of the training images: every image lands in exactly one split
+    together = np.concatenate([held.x_train, held.x_test]).reshape(32, -1)
+    assert sorted(map(bytes, together)) == sorted(map(bytes, data.x_train.reshape(32, -1)))
+    with pytest.raises(ValueError, match="already has a test split"):
+        held.with_test_split(0.1)
+
+
 def test_training_bad_input_is_clear():
-    with pytest.raises(ValueError, match="has no test split"):
-        dx.train(jax.random.key(0), V2, tiny_arrays(n=32), channels=4, layers=3, epochs=1, batch_size=8)
     with pytest.raises(ValueError, match=r"unknown training option\(s\) \['colour'\]"):
         dx.train(jax.random.key(0), V2, "digits", colour="red")
     with pytest.raises(ValueError, match="darts-space genotype"):
