@@ -140,9 +140,9 @@ def search(args) -> None:
     if main_process:
         os.makedirs(out, exist_ok=True)
         print(f"darts-eqx search: {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
-    settings = {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **dataclasses.asdict(config)}
-    if args.num_classes is not None:
-        settings["num_classes"] = args.num_classes
+    classes = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    settings = {"dataset": dataset, "seed": seed, "checkpoint_every": checkpoint_every, **classes}
+    settings.update(dataclasses.asdict(config))
     ran = {k: getattr(execution, k) for k in EXECUTION_OPTIONS}
 
     def save_settings():

@@ -363,8 +363,10 @@ def _fitted(config: TrainConfig, architecture, image_shape) -> TrainConfig:
     space_name = getattr(architecture, "space", None)
     if not config.auxiliary or isinstance(architecture, CellNetwork) or not isinstance(space_name, str):
         return config
-    check_image_size(get_space(space_name), config, height, width)  # too small for the cells: that error first
-    if min(height, width) // 4 < 5:
+    space = get_space(space_name)
+    check_image_size(space, config, height, width)  # too small for the cells: that error first
+    # only the DARTS cell's network (the paper's NetworkCIFAR) has the auxiliary head
+    if space.topology.genotype_form == "cell" and min(height, width) // 4 < 5:
         warnings.warn(
             f"{height}x{width} images are too small for the auxiliary head (it needs 20x20 or larger): training "
             "without it (auxiliary=False)",
