@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._mixed import MixedOp, partial_channel_edge, partial_channel_merge
+from ._mixed import MixedOp, OpWeights, partial_channel_edge, partial_channel_merge
 from ._norm import SEARCH_NORM, Normalisation
 from ._ops import Earlier, FactorizedReduce, Identity, Images, Output, ReLUConvBN
 from ._skeleton import DropPath
@@ -102,7 +102,7 @@ class SearchCell(eqx.Module):
         self,
         s0: Earlier,
         s1: Images,
-        cell_weights: tuple[Float[Array, "edges ops"], Float[Array, " edges"] | None],
+        cell_weights: tuple[OpWeights, Float[Array, " edges"] | None],
         state: Any = None,
         drop: DropPath | None = None,
     ) -> tuple[Output, Any]:

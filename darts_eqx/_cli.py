@@ -42,6 +42,11 @@ SEARCH_OPTIONS = (
         "order 2: exact (differentiate through the virtual step, default) or finite_difference (the paper's Eq. 8)",
     ),
     ("--xi", float, "order 2: the virtual step's size (default: the current weight lr, as the paper)"),
+    (
+        "--method",
+        None,
+        "the DARTS variant, with its authors' defaults: darts (default), gdas, drnas, sdarts-rs, sdarts-adv, fairdarts",
+    ),
     ("--beta-reg", float, "beta-DARTS regularisation strength (ramped from 0; default off)"),
     ("--aux-skip", float, "DARTS-: auxiliary skip weight, decaying to 0 (paper: 1)"),
     ("--early-stop-factor", float, "DARTS-ES: stop when the Hessian eigenvalue grew by this factor"),
@@ -77,6 +82,7 @@ _NUM_CLASSES_HELP = "the number of classes (default: the data set's, or the larg
 
 def _search_parser(s) -> None:
     from ._resume import DEFAULT_CHECKPOINT_EVERY, SAFE_TO_CHANGE
+    from ._variants import METHODS
 
     meaning = s.add_argument_group("what the search computes")
     meaning.add_argument(
@@ -85,7 +91,8 @@ def _search_parser(s) -> None:
         "(.npz, save_to_disk folder, image folder)",
     )
     for flag, kind, text in SEARCH_OPTIONS:
-        meaning.add_argument(flag, type=kind, choices=_CHOICES.get(flag), help=text)
+        choices = tuple(METHODS) if flag == "--method" else _CHOICES.get(flag)
+        meaning.add_argument(flag, type=kind, choices=choices, help=text)
     meaning.add_argument(
         "--hessian", action="store_true", default=None, help="record the dominant Hessian eigenvalue per epoch"
     )

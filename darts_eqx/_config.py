@@ -26,6 +26,11 @@ class SearchConfig:
       with `estimator` `exact` (differentiated through the virtual weight step) or
       `finite_difference` (the paper's Eq. 8); `xi` is the virtual step size (None: the current
       weight lr, as the paper). With order 2 the recorded val loss/acc are at the unrolled weights.
+    - `method`: the DARTS variant, with its authors' defaults (`darts_eqx.methods`): `darts` (the
+      paper's), `gdas` (Gumbel-max sampling of one op per edge), `drnas` (Dirichlet op weights),
+      `sdarts-rs` and `sdarts-adv` (random and adversarial perturbation in the weight step) or
+      `fairdarts` (independent sigmoids, zero-one loss). It combines with `order`, `beta_reg`
+      and `aux_skip`.
     - `beta_reg`: beta-DARTS regularisation (Ye et al., 2022): lambda * mean over edges of
       logsumexp(alpha) added to the validation loss, lambda ramped linearly from 0 to `beta_reg`
       over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS).
@@ -61,6 +66,7 @@ class SearchConfig:
     estimator: str = "exact"
     xi: float | None = None
     partial_channels: int = 1
+    method: str = "darts"
     beta_reg: float = 0.0
     aux_skip: float = 0.0
     hessian: bool = False
@@ -83,12 +89,21 @@ class SearchConfig:
         self._check_partial_channels()
         if self.order not in (1, 2) or isinstance(self.order, bool):
             raise ValueError(f"`order` (={self.order!r}) must be 1 (first order) or 2 (unrolled, second order)")
+        self._check_method()
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` (={self.estimator!r}) must be one of {ESTIMATORS}")
         if not isinstance(self.hessian, bool):
             raise ValueError(f"`hessian` (={self.hessian!r}) must be True or False")
         if self.xi is not None and not self.xi > 0:
             raise ValueError(f"`xi` (={self.xi!r}) must be positive, or None for the current weight lr")
+
+    def _check_method(self):
+        from ._variants import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"`method` (={self.method!r}) must be one of {tuple(METHODS)}")
+        if self.method in ("sdarts-rs", "sdarts-adv") and self.order == 2 and self.estimator == "finite_difference":
+            raise ValueError(f"`method` {self.method!r} perturbs the weight step: use order 1 or the exact estimator")
 
     def _check_partial_channels(self):
         if isinstance(self.partial_channels, bool) or not isinstance(self.partial_channels, int):

@@ -35,7 +35,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _source_ops
 from ._cell import OpModule, SearchCell, check_partial_channels, edge_index, preprocess
 from ._darts import DARTS_SPACE
-from ._mixed import MixedOp, partial_channel_merge
+from ._mixed import MixedOp, OpWeights, SampledWeights, partial_channel_merge
 from ._norm import SEARCH_NORM
 from ._ops import Earlier, Images, Output
 from ._skeleton import DropPath
@@ -96,7 +96,7 @@ class FusedCell(eqx.Module):
         self,
         s0: Earlier,
         s1: Images,
-        cell_weights: tuple[Float[Array, "edges ops"], Float[Array, " edges"] | None],
+        cell_weights: tuple[OpWeights, Float[Array, " edges"] | None],
         state: Any = None,
         drop: DropPath | None = None,
     ) -> tuple[Output, Any]:
@@ -104,6 +104,8 @@ class FusedCell(eqx.Module):
         # sources padded to the same edge count, so XLA compiles each body once: compile time is
         # what bounds DARTS on XLA. Padded edges have zero mixing weights and land in spare rows.
         weights, edge_weights = cell_weights
+        if isinstance(weights, SampledWeights):  # one op per edge: the per-edge cell skips the others
+            return self.reference()(s0, s1, cell_weights, state, drop)
         h0, h1 = self.preprocess0(s0)[0], self.preprocess1(s1)[0]
         b, h, w, c = h1.shape
         stride = self.inputs.stride

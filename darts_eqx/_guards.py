@@ -17,14 +17,15 @@ import optax
 from ._mixed import ArchLogits
 
 
-def _alpha_leaves(arch) -> list:
+def alpha_logits(arch) -> list:
+    """The logits of every `ArchLogits` in `arch`."""
     nodes = jax.tree.leaves(arch, is_leaf=lambda n: isinstance(n, ArchLogits))
     return [node.logits for node in nodes if isinstance(node, ArchLogits)]
 
 
 def beta_regularizer(arch):
     """Mean over all edges (of every alpha in `arch`) of logsumexp over the ops."""
-    rows = jnp.concatenate([jax.nn.logsumexp(a, axis=-1).ravel() for a in _alpha_leaves(arch)])
+    rows = jnp.concatenate([jax.nn.logsumexp(a, axis=-1).ravel() for a in alpha_logits(arch)])
     return jnp.mean(rows)
 
 

@@ -16,6 +16,12 @@ What tells DARTS variants apart is four small things, each a field of `Method`:
 - `select(supernet) -> genotype`: the discrete architecture of a trained supernet; None is the
   paper's argmax (`derive_genotype`).
 
+One more, for methods that perturb what the weight step sees (SDARTS):
+`perturb(weights, step, key, loss) -> weights` takes the op weights the relaxation gives the weight
+step's forward pass (a list, one array per alpha) and returns those it trains the weights at;
+`loss(weights)` is that step's training loss at given op weights (for adversarial perturbations).
+No gradient reaches alpha through them (alpha's step is the other pass).
+
 A plug-in is a function of a `MethodContext` (the config, the space's op names, the steps per
 epoch, for schedules) returning a `Method`; `chain` composes plug-ins. `search(method=...)` adds a
 plug-in of the user's own after the ones the config names (`from_config`).
@@ -28,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ._guards import beta_regularizer, ramp
-from ._mixed import ArchLogits, RelaxedLogits
+from ._mixed import ArchLogits, FixedWeights, RelaxedLogits
 
 
 class MethodContext(NamedTuple):
@@ -41,15 +47,29 @@ class MethodContext(NamedTuple):
 
 
 class Method(NamedTuple):
-    """The four parts of a DARTS variant (see `darts_eqx.methods`); None leaves a part to DARTS:
+    """The parts of a DARTS variant (see `darts_eqx.methods`); None leaves a part to DARTS:
     `relax(logits, step, inner, key) -> op weights`, `arch_loss(arch, step) -> scalar`,
-    `estimator(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` and
-    `select(supernet) -> genotype`."""
+    `estimator(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)`,
+    `select(supernet) -> genotype` and `perturb(weights, step, key, loss) -> weights`."""
 
     relax: Callable | None = None
     arch_loss: Callable | None = None
     estimator: Callable | None = None
     select: Callable | None = None
+    perturb: Callable | None = None
+
+
+class MethodParts(NamedTuple):
+    """What `search_step` and the search's end take from a `Method`: `arch_grad` (the estimator),
+    `arch_reg` (the loss term), `arch_view(arch, step, key)` (alpha through the relaxation),
+    `select`, and `weight_view(arch, step, key, loss)` (alpha as the weight step sees it, when the
+    method perturbs it)."""
+
+    arch_grad: Callable | None
+    arch_reg: Callable | None
+    arch_view: Callable | None
+    select: Callable | None
+    weight_view: Callable | None
 
 
 Plugin = Callable[[MethodContext], Method]
@@ -62,8 +82,8 @@ def softmax(logits, step, key=None):
 
 def chain(*plugins: Plugin) -> Plugin:
     """One plug-in doing what `plugins` do, in order: relaxations stack (each sees the one before
-    as `inner`), loss terms add up, and at most one plug-in may set the estimator and at most one
-    the selection (two are an error naming them)."""
+    as `inner`), loss terms add up, and at most one plug-in may set each of the estimator, the
+    selection and the perturbation (two are an error naming them)."""
 
     def build(context: MethodContext) -> Method:
         methods = [(_name(p), _built(p, context)) for p in plugins]
@@ -74,6 +94,7 @@ def chain(*plugins: Plugin) -> Plugin:
             arch_loss=_summed(losses) if losses else None,
             estimator=_single(methods, "estimator"),
             select=_single(methods, "select"),
+            perturb=_single(methods, "perturb"),
         )
 
     build.__qualname__ = "chain(" + ", ".join(_name(p) for p in plugins) + ")"
@@ -206,9 +227,16 @@ def aux_skip_relaxation(op_names, value: float, epochs: int, steps_per_epoch: in
 
 
 def from_config(config) -> Plugin:
-    """The plug-ins a `SearchConfig` names: first or second order (`order`), then beta-DARTS
-    (`beta_reg` > 0) and DARTS-'s auxiliary skip (`aux_skip` > 0)."""
+    """The plug-ins a `SearchConfig` names: first or second order (`order`), the `method` (one of
+    `METHODS`: `darts`, `gdas`, `drnas`, `sdarts-rs`, `sdarts-adv`, `fairdarts`, with its
+    authors' defaults), then beta-DARTS (`beta_reg` > 0) and DARTS-'s auxiliary skip (`aux_skip`
+    > 0)."""
+    from ._variants import METHODS
+
     plugins = [first_order() if config.order == 1 else unrolled()]
+    named = METHODS[config.method]()
+    if named is not None:
+        plugins.append(named)
     if config.beta_reg > 0:
         plugins.append(beta_regularisation(config.beta_reg))
     if config.aux_skip > 0:
@@ -216,12 +244,38 @@ def from_config(config) -> Plugin:
     return chain(*plugins)
 
 
-def parts(plugin: Plugin, context: MethodContext):
-    """`(arch_grad, arch_reg, arch_view, select)` of the method `plugin` builds: what `search_step`
-    and the search's end take."""
+def parts(plugin: Plugin, context: MethodContext) -> MethodParts:
+    """The `MethodParts` of the method `plugin` builds."""
     method = _built(plugin, context)
-    view = None if method.relax is None else relaxation_view(_on_softmax(method.relax))
-    return method.estimator, method.arch_loss, view, method.select
+    relax = softmax if method.relax is None else _on_softmax(method.relax)
+    view = None if method.relax is None else relaxation_view(relax)
+    weight_view = None if method.perturb is None else perturbed_view(relax, method.perturb)
+    return MethodParts(method.estimator, method.arch_loss, view, method.select, weight_view)
+
+
+def perturbed_view(relax: Callable, perturb: Callable):
+    """`view(arch, step, key, loss)`: `arch` with every alpha replaced by the op weights that
+    `relax(logits, step, key)` gives it, perturbed (all alphas together) by `perturb(weights, step,
+    key, loss_at)`, where `loss_at(weights) = loss(arch with those weights)`."""
+
+    def view(arch, step, key, loss):
+        leaves, tree = jax.tree.flatten(arch, is_leaf=lambda n: isinstance(n, ArchLogits))
+        where = [i for i, n in enumerate(leaves) if isinstance(n, ArchLogits)]
+        relax_key, perturb_key = jax.random.split(key)
+        weights = [relax(leaves[i].logits, step, jax.random.fold_in(relax_key, i)) for i in where]
+        if not all(isinstance(w, jax.Array) for w in weights):
+            raise ValueError("a perturbation needs op weights as arrays; this relaxation samples one op per edge")
+
+        def with_weights(ws):
+            new = list(leaves)
+            for i, w in zip(where, ws):
+                new[i] = FixedWeights(w)
+            return jax.tree.unflatten(tree, new)
+
+        perturbed = perturb(weights, step, perturb_key, lambda ws: loss(with_weights(ws)))
+        return with_weights([jax.lax.stop_gradient(w) for w in perturbed])
+
+    return view
 
 
 def _on_softmax(relax):

@@ -62,6 +62,26 @@ class EdgeLogits(eqx.Module):
         return EdgeLogits(_scaled_normal(key, (sum(2 + j for j in range(steps)),), scale), steps)
 
 
+class SampledWeights(eqx.Module):
+    """Op weights whose value is one-hot, `weights[e, index[e]]` on each edge e and exactly zero
+    elsewhere (a relaxation that samples one op per edge, GDAS' straight-through Gumbel weights,
+    returns them). Each edge then evaluates its sampled op alone: `MixedOp` computes
+    `weights[index] * op_index(x) + (sum(weights) - weights[index])`, whose value is that op's
+    output times its weight and whose gradient reaches every op's weight (the unsampled ones' as
+    the sum of the output's gradient, as GDAS' own code does)."""
+
+    weights: Float[Array, "*edges ops"]
+    index: Int[Array, "*edges"]
+
+    def __getitem__(self, edge) -> "SampledWeights":
+        return SampledWeights(self.weights[edge], self.index[edge])
+
+
+# Op weights as a cell's edges take them: an array, or one sampled op per edge.
+OpWeights = Float[Array, "edges ops"] | SampledWeights
+EdgeWeights = Float[Array, " ops"] | SampledWeights  # one edge's
+
+
 class RelaxedLogits(eqx.Module):
     """alpha as a method's relaxation shows it to one forward pass: `relax(logits, step, key)`
     instead of softmax(alpha) (see `darts_eqx.Method`). Built inside a step from `ArchLogits` for
@@ -72,14 +92,23 @@ class RelaxedLogits(eqx.Module):
     key: PRNGKeyArray
     relax: Callable = eqx.field(static=True)
 
-    def weights(self) -> Float[Array, "edges ops"]:
+    def weights(self) -> OpWeights:
         return self.relax(self.logits, self.step, self.key)
+
+
+class FixedWeights(eqx.Module):
+    """Op weights given as values, for one forward pass (a weight step's perturbed weights)."""
+
+    values: Float[Array, "edges ops"]
+
+    def weights(self) -> Float[Array, "edges ops"]:
+        return self.values
 
 
 def is_arch(node) -> bool:
     """True for the architecture leaves (`ArchLogits`, `EdgeLogits` with partial channels, and
-    alpha as a relaxation shows it, `RelaxedLogits`)."""
-    return isinstance(node, (ArchLogits, EdgeLogits, RelaxedLogits))
+    alpha as a method shows it to one forward pass: `RelaxedLogits`, `FixedWeights`)."""
+    return isinstance(node, (ArchLogits, EdgeLogits, RelaxedLogits, FixedWeights))
 
 
 def split_arch(model):
@@ -117,7 +146,9 @@ class MixedOp(eqx.Module):
         )
         self.op_names = space.op_names
 
-    def __call__(self, x: Images, weights: Float[Array, " ops"]) -> Output:
+    def __call__(self, x: Images, weights: EdgeWeights) -> Output:
+        if isinstance(weights, SampledWeights):
+            return self._sampled(x, weights)
         out = None
         for w, name, op in zip(weights, self.op_names, self.ops):
             if name == "none":
@@ -127,6 +158,12 @@ class MixedOp(eqx.Module):
         if out is None:
             raise ValueError(f"mixed op over {self.op_names} has only `none`")
         return out
+
+    def _sampled(self, x: Images, sampled: SampledWeights) -> Output:
+        """The sampled op alone (`lax.switch` runs one branch), weighted as `SampledWeights` says."""
+        branches = [lambda x, op=op: op(x)[0] for op in self.ops]
+        w = sampled.weights[sampled.index]
+        return w * lax.switch(sampled.index, branches, x) + (jnp.sum(sampled.weights) - w)
 
 
 def channel_shuffle(x: Float[Array, "*batch c"], groups: int) -> Float[Array, "*batch c"]:
@@ -156,7 +193,7 @@ def partial_channel_merge(mixed_out: Float[Array, "b ho wo *edges part"], x: Ima
     return channel_shuffle(jnp.concatenate([mixed_out, rest], axis=-1), k)
 
 
-def partial_channel_edge(mixed: "MixedOp", x: Images, weights: Float[Array, " ops"], k: int, stride: int) -> Output:
+def partial_channel_edge(mixed: "MixedOp", x: Images, weights: EdgeWeights, k: int, stride: int) -> Output:
     """A PC-DARTS edge: the mixed op on the first 1/k of the channels, the rest bypassing it, then a
     channel shuffle with k groups (Xu et al., ICLR 2020, Sec. 3.2). k=1 is the plain mixed op."""
     if k == 1:

@@ -53,7 +53,7 @@ def identity(config, data, key, method=None) -> dict:
         "key": np.asarray(jax.random.key_data(key)).tolist(),
     }
     if method is not None:
-        found["config"]["method"] = getattr(method, "__qualname__", type(method).__name__)
+        found["config"]["plugin"] = getattr(method, "__qualname__", type(method).__name__)
     return found
 
 
@@ -78,7 +78,10 @@ def check_options(checkpoint_dir, checkpoint_every, resume: bool, allow_changes)
 def _recorded_config(manifest: dict) -> dict:
     """The search config a checkpoint's manifest records, without the execution options older
     checkpoints kept in it. Empty when the manifest records none."""
-    return {k: v for k, v in manifest.get("config", {}).items() if k not in _EXECUTION_FIELDS}
+    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in _EXECUTION_FIELDS}
+    if recorded and "method" not in recorded:  # written before the config named the method
+        recorded["method"] = "darts"
+    return recorded
 
 
 def check_resumable(path: str, manifest: dict, expected: dict, allow_changes) -> None:

@@ -59,7 +59,7 @@ def search(
     config: SearchConfig | None = None,
     *,
     execution: Execution | None = None,
-    method: Plugin | None = None,
+    method: str | Plugin | None = None,
     progress: bool | None = None,
     callback=None,
     checkpoint_dir: str | os.PathLike | None = None,
@@ -81,9 +81,10 @@ def search(
     - `config`: a `SearchConfig`; keyword `options` override its fields.
     - `execution`: an `Execution`, how the search runs (chunking, tracing, kernels, devices); it
       never changes what the search computes beyond floating-point rounding.
-    - `method`: a method plug-in of the user's own (`darts_eqx.Method`), run after the ones the
-      config names (first or second order, `beta_reg`, `aux_skip`): its relaxation stacks on
-      theirs, its loss term adds to theirs, and it may set the estimator or the selection.
+    - `method`: the name of a built-in method (the config's `method`: `"gdas"`, `"drnas"`, ...),
+      or a method plug-in of the user's own (`darts_eqx.Method`), run after the ones the config
+      names (first or second order, its `method`, `beta_reg`, `aux_skip`): its relaxation stacks
+      on theirs, its loss term adds to theirs, and it may set what they leave unset.
     - `progress`: progress on stderr: None (default) shows a bar on a terminal, else one plain
       line per epoch (losses, accuracies, seconds); True the bar anywhere; False nothing.
     - `callback`: called as `callback(history, supernet)` after each epoch, with the list of all
@@ -120,6 +121,8 @@ def search(
     **Raises:** `SearchDiverged` when a loss, gradient norm, weight or alpha becomes non-finite,
     naming the step and the quantity; the checkpoints written before stay in place.
     """
+    if isinstance(method, str):
+        options, method = {**options, "method": method}, None
     config = (config or SearchConfig()).replace(**options)
     execution = as_execution(execution).resolve(config)
     checkpoint_dir, allow_changes = _resume.check_options(checkpoint_dir, checkpoint_every, resume, allow_changes)
@@ -145,10 +148,11 @@ def search(
     # The method: how alpha weighs the ops, the losses' extra terms, alpha's gradient, the selection.
     plugin = from_config(config) if method is None else chain(from_config(config), method)
     context = MethodContext(config, get_space(config.space).op_names, schedule.steps_per_epoch)
-    arch_grad, arch_reg, arch_view, select = parts(plugin, context)
+    method_parts = parts(plugin, context)
 
     # Alternate alpha and weight steps, chunk by chunk, for the configured epochs.
-    estimate = dict(arch_grad=arch_grad, arch_reg=arch_reg, arch_view=arch_view)
+    estimate = method_parts._asdict()
+    select = estimate.pop("select")
     chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, **estimate)
     epoch_end, stop = _hessian_tracking(config, static, device_data, schedule.val_pool, key_split)
     checkpoints, reports = (checkpoint_dir, checkpoint_every, identity), (callback, epoch_end, stop, metrics)

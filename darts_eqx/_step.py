@@ -21,10 +21,11 @@ from jax import lax
 from . import _parallel
 from ._config import SearchConfig
 from ._execution import Execution
+from ._loss import supernet_loss
 from ._optim import epoch_lr
 from ._phases import TRAIN, VAL, Phases, cond, either, may_be, run_phases
 from ._second_order import FiniteDifferenceStep, arch_gradient, momentum_buffer
-from ._state import SearchState, StepMetrics, alpha_update, regularised, weight_update
+from ._state import SearchState, StepMetrics, alpha_update, forward_key, regularised, weight_update
 
 
 def search_step(
@@ -38,19 +39,28 @@ def search_step(
     arch_reg=None,
     arch_view=None,
     shared_trace: bool = False,
+    weight_view=None,
 ):
     """One DARTS step: alpha on `val_batch`, then weights on `train_batch`. First order unless
     `arch_grad(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)` is given
     (see `second_order_gradient`); `arch_reg(arch, step)`, a regulariser of alpha alone, is added
     to the validation loss (its gradient to alpha's); `arch_view(arch, step, key)` is alpha as the
     supernet's forward passes see it (a method's relaxation, with the pass's own PRNG key,
-    `forward_key`): both passes in first order, the weight step's in second order. With
+    `forward_key`): both passes in first order, the weight step's in second order;
+    `weight_view(arch, step, key, loss)`, where given, is alpha as the weight step alone sees it
+    (a method's perturbation, `MethodParts`), traced one phase at a time. With
     `shared_trace`, the step traces the supernet's gradient once for all its phases (first order:
     the alpha and the weight step; second order with finite differences: the virtual step, the
     gradient at w', the two at w+- and the weight step; `_phases`): the same step up to
     floating-point rounding."""
     batches = (train_batch, val_batch)
-    if isinstance(arch_grad, UnrolledGradient) and arch_grad.config.estimator == "finite_difference":
+    finite_difference = isinstance(arch_grad, UnrolledGradient) and arch_grad.config.estimator == "finite_difference"
+    if weight_view is not None and (shared_trace or finite_difference):
+        raise ValueError(
+            "a method that perturbs the weight step's op weights runs its phases one by one "
+            "(shared_trace=False) and not with the finite-difference estimator"
+        )
+    if isinstance(arch_grad, UnrolledGradient) and finite_difference:
         phases = arch_grad.step(state, w_opt, a_opt, arch_reg, arch_view)
     elif shared_trace and arch_grad is not None:
         raise ValueError(
@@ -59,7 +69,7 @@ def search_step(
             f"got {arch_grad!r}"
         )
     else:
-        phases = Alternation(state, static, w_opt, a_opt, batches, arch_grad, arch_reg, arch_view)
+        phases = Alternation(state, static, w_opt, a_opt, batches, arch_grad, arch_reg, arch_view, weight_view)
     return run_phases(phases, static, batches, shared=shared_trace, state=state)
 
 
@@ -84,7 +94,8 @@ class Alternation(Phases):
     weights' step (`w_opt`) on the training batch at the new alpha, both passes seeing alpha
     through `view` (if given). Alpha's gradient is the supernet's on the validation batch (first
     order), or `estimator(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)`
-    (the exact second-order one, or a plug-in's; no shared trace), plus that of `arch_reg`. The
+    (the exact second-order one, or a plug-in's; no shared trace), plus that of `arch_reg`. With
+    `weight_view` the weights' step sees alpha through it instead of `view`. The
     carry is the whole `SearchState`; under a shared trace a `lax.cond` picks each phase's update
     (experiments/RESULTS.md)."""
 
@@ -96,6 +107,7 @@ class Alternation(Phases):
     estimator: Callable | None = None
     arch_reg: Callable | None = None
     view: Callable | None = None
+    weight_view: Callable | None = None
 
     groups = ((ALPHA_PHASE,), (WEIGHT_PHASE,))
 
@@ -103,10 +115,16 @@ class Alternation(Phases):
         return self.state
 
     def at(self, state: SearchState, phase):
-        return state.weights, state.arch
+        if self.weight_view is None or not phase.weight_gradient:
+            return state.weights, state.arch
+
+        def loss(arch):
+            return supernet_loss(arch, state.weights, self.static, *self.batches[TRAIN])[0]
+
+        return state.weights, self.weight_view(state.arch, state.step, forward_key(state, phase.number), loss)
 
     def view_of(self, phase):
-        return self.view
+        return None if self.weight_view is not None and phase.weight_gradient else self.view
 
     def evaluate(self, state: SearchState, phase):
         if self.estimator is None or phase.weight_gradient:
@@ -186,7 +204,16 @@ def second_order_gradient(config: SearchConfig, steps_per_epoch: int) -> Unrolle
 
 
 def make_chunk_fn(
-    static, w_opt, a_opt, execution: Execution, *, mesh=None, arch_grad=None, arch_reg=None, arch_view=None
+    static,
+    w_opt,
+    a_opt,
+    execution: Execution,
+    *,
+    mesh=None,
+    arch_grad=None,
+    arch_reg=None,
+    arch_view=None,
+    weight_view=None,
 ):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`, traced
@@ -205,7 +232,9 @@ def make_chunk_fn(
             it, iv = idx
             train = constrain(images[it]), constrain(labels[it])
             val = constrain(images[iv]), constrain(labels[iv])
-            return search_step(state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view, shared_trace)
+            return search_step(
+                state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view, shared_trace, weight_view
+            )
 
         with execution.tracing(sharded=mesh is not None):
             return lax.scan(body, state, (train_idx, val_idx))

@@ -2,7 +2,8 @@
 `MethodContext` returning a `Method`; `chain` composes them; `search(method=...)` runs one of the
 user's own after the ones its config names. A relaxation is `relax(logits, step, inner, key)`:
 `inner(logits, step, key)` the relaxations before it (`softmax` first), `key` a PRNG key of that
-forward pass alone, fresh each step and the same on a rerun or a resume."""
+forward pass alone, fresh each step and the same on a rerun or a resume. `METHODS` names the
+built-in variants (`gdas`, `drnas`, `sdarts`, `fairdarts`; `SearchConfig.method`)."""
 
 from ._methods import (
     Method as Method,
@@ -16,16 +17,28 @@ from ._methods import (
     softmax as softmax,
     unrolled as unrolled,
 )
+from ._variants import (
+    METHODS as METHODS,
+    drnas as drnas,
+    fairdarts as fairdarts,
+    gdas as gdas,
+    sdarts as sdarts,
+)
 
 __all__ = [
+    "METHODS",
     "Method",
     "MethodContext",
     "Plugin",
     "auxiliary_skip",
     "beta_regularisation",
     "chain",
+    "drnas",
+    "fairdarts",
     "first_order",
     "from_config",
+    "gdas",
+    "sdarts",
     "softmax",
     "unrolled",
 ]

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import OpModule
 from ._conv import pointwise_conv
-from ._mixed import ArchLogits, MixedOp
+from ._mixed import ArchLogits, MixedOp, OpWeights
 from ._norm import EVAL_NORM, SEARCH_NORM, Normalisation
 from ._op_names import NB201_OPS
 from ._ops import Identity, ReLUConvBN, _uniform, pool, relu_conv_bn, skip, zero
@@ -50,7 +50,7 @@ class NB201Cell(eqx.Module):
         keys = jax.random.split(key, len(EDGES))
         self.edges = tuple(MixedOp(NB201_SPACE, channels, 1, key=k) for k in keys)
 
-    def __call__(self, x: Images, weights: Float[Array, "6 5"]) -> Images:
+    def __call__(self, x: Images, weights: OpWeights) -> Images:
         nodes = [x]
         for j in range(1, NODES):
             terms = [self.edges[e](nodes[i], weights[e]) for e, (i, to) in enumerate(EDGES) if to == j]

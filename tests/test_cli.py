@@ -29,11 +29,14 @@ def test_search_writes_genotype_and_history(tmp_path, capsys):
             "4",
             "--layers",
             "1",
+            "--method",
+            "drnas",
             "--out",
             str(out),
         ]
     )
     assert code == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "drnas"
     genotype = json.loads((out / "genotype.json").read_text())
     assert set(genotype) == {"space", "normal", "normal_concat", "reduce", "reduce_concat"}
     assert genotype["space"] == "seed" and len(genotype["normal"]) == 1
@@ -50,6 +53,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and err.startswith("darts-eqx: error:") and "nope.npz" in err and "Traceback" not in err
     code = main(["search", "--batch-size", "5000", "--out", str(tmp_path / "r")])
     assert code == 2 and "batch_size (=5000)" in capsys.readouterr().err
+    code = main(["search", "--method", "snas", "--out", str(tmp_path / "r")])
+    assert code == 2 and "invalid choice: 'snas'" in capsys.readouterr().err
 
 
 def test_resume_of_a_missing_folder_and_too_few_classes_are_errors(tmp_path, capsys):

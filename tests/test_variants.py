@@ -1,0 +1,162 @@
+"""The DARTS variants (GDAS, DrNAS, SDARTS, FairDARTS): each one's defining maths on a hand-computed
+case, one op per edge evaluated under GDAS, and each resuming bit for bit like plain DARTS."""
+
+import math
+import shutil
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_arrays
+
+import darts_eqx as dx
+from darts_eqx import _variants as v
+from darts_eqx._methods import MethodContext, parts
+from darts_eqx._mixed import MixedOp, SampledWeights
+
+CONFIG = dx.SearchConfig(space="seed", epochs=3)
+CONTEXT = MethodContext(CONFIG, dx.SEED_SPACE.op_names, steps_per_epoch=10)
+
+
+def test_gdas_weights_are_one_hot_in_value_and_gumbel_softmax_in_gradient():
+    logits = jnp.array([[0.3, -0.2, 1.0, 0.0]])
+    key, tau = jax.random.key(3), 2.0
+    g = jax.random.gumbel(key, logits.shape)
+    soft = jax.nn.softmax((jax.nn.log_softmax(logits) + g) / tau)
+    sampled = v.gumbel_straight_through(logits, tau, key)
+    assert int(sampled.index[0]) == int(jnp.argmax(soft[0]))
+    expected = np.zeros((1, 4))
+    expected[0, int(sampled.index[0])] = 1.0
+    np.testing.assert_allclose(sampled.weights, expected, atol=1e-7)
+    c = jnp.array([[1.0, -2.0, 0.5, 3.0]])
+    straight = jax.grad(lambda a: jnp.sum(c * v.gumbel_straight_through(a, tau, key).weights))(logits)
+    relaxed = jax.grad(lambda a: jnp.sum(c * jax.nn.softmax((jax.nn.log_softmax(a) + g) / tau)))(logits)
+    np.testing.assert_allclose(straight, relaxed, rtol=1e-5)
+
+
+def test_gdas_temperature_falls_linearly_from_10_to_0_1():
+    assert [v.gdas_temperature(e, 3, 10.0, 0.1) for e in (0, 1, 2)] == [10.0, 5.05, pytest.approx(0.1)]
+
+
+def test_a_sampled_edge_evaluates_its_sampled_op_alone():
+    mixed = MixedOp(dx.SEED_SPACE, 2, 1, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2))
+    weights, index = jnp.array([0.0, 0.0, 0.9, 0.0, 0.0]), jnp.int32(2)
+    out = mixed(x, SampledWeights(weights, index))
+    np.testing.assert_allclose(out, 0.9 * mixed.ops[2](x)[0], rtol=1e-6)
+    # lax.switch: one branch runs; gradients reach every op's weight (unsampled: the output's sum)
+    assert "cond" in str(jax.make_jaxpr(lambda w: mixed(x, SampledWeights(w, index)))(weights))
+    grads = jax.grad(lambda w: jnp.sum(jnp.sin(mixed(x, SampledWeights(w, index)))))(weights)
+    dout = jnp.cos(out)
+    np.testing.assert_allclose(grads[2], jnp.sum(dout * mixed.ops[2](x)[0]), rtol=1e-5)
+    for j in (0, 1, 3, 4):
+        np.testing.assert_allclose(grads[j], jnp.sum(dout), rtol=1e-5)
+
+
+def test_the_fused_darts_cell_takes_sampled_weights_through_its_per_edge_form():
+    net = dx.darts_supernet(channels=4, layers=1, num_classes=3, in_channels=1, key=jax.random.key(0))
+    cell = net.cells[0]
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 12))
+    index = jnp.arange(14) % 8
+    sampled = SampledWeights(jax.nn.one_hot(index, 8), index)
+    out, _ = cell(x, x, (sampled, None))
+    dense, _ = cell(x, x, (jax.nn.one_hot(index, 8), None))
+    np.testing.assert_allclose(out, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_drnas_kl_to_the_uniform_dirichlet_by_hand():
+    # KL(Dir(2, 1) || Dir(1, 1)) = log G(3) - log G(2) - log G(1) - log G(2) + (psi(2) - psi(3)) = log 2 - 1/2
+    np.testing.assert_allclose(v.dirichlet_kl_to_uniform(jnp.array([2.0, 1.0])), math.log(2) - 0.5, rtol=1e-6)
+    np.testing.assert_allclose(v.dirichlet_kl_to_uniform(jnp.ones(5)), 0.0, atol=1e-5)  # log 24 in float32
+    np.testing.assert_allclose(v.dirichlet_concentration(jnp.array([0.0, 1.5, -50.0])), [1.0, 2.5, 0.0], atol=1e-6)
+    config = CONFIG.replace(a_weight_decay=0.0)
+    arch_loss = parts(v.drnas("kl", scale=0.5), CONTEXT._replace(config=config)).arch_reg
+    alpha = jnp.array([[1.0, 0.0], [0.0, 0.0]])  # concentrations (2, 1) and (1, 1)
+    np.testing.assert_allclose(arch_loss({"a": dx.ArchLogits(alpha)}, 0), 0.5 * (math.log(2) - 0.5), rtol=1e-5)
+    assert parts(v.drnas(), CONTEXT).arch_reg is None  # "l2": alpha's own weight decay
+
+
+def test_drnas_samples_dirichlet_weights_with_pathwise_gradients():
+    view = parts(v.drnas(), CONTEXT).arch_view
+    logits = jnp.array([[1.0, 0.0, -0.5]])
+    samples = jax.vmap(lambda k: view({"a": dx.ArchLogits(logits)}, jnp.int32(0), k)["a"].weights())(
+        jax.random.split(jax.random.key(0), 4000)
+    )
+    np.testing.assert_allclose(samples.sum(-1), 1.0, rtol=1e-5)
+    c = np.asarray(v.dirichlet_concentration(logits))
+    np.testing.assert_allclose(samples.mean(0), c / c.sum(), atol=0.02)  # E[Dir(c)] = c / sum c
+    grad = jax.grad(lambda a: view({"a": dx.ArchLogits(a)}, jnp.int32(0), jax.random.key(5))["a"].weights()[0, 0])(
+        logits
+    )
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+def test_sdarts_clips_each_edge_onto_the_simplex():
+    w = jnp.array([[0.5, -0.2, 0.9], [-0.1, -0.3, -0.2]])
+    np.testing.assert_allclose(v.onto_simplex(w), [[0.5 / 1.4, 0.0, 0.9 / 1.4], [1.0, 0.0, 0.0]], rtol=1e-6)
+
+
+def test_sdarts_perturbations_stay_near_the_weights_and_pgd_raises_the_loss():
+    weights = [jnp.full((2, 4), 0.25)]
+    eps = 0.1
+    noisy = v.random_perturbation(weights, eps, jax.random.key(0))[0]
+    np.testing.assert_allclose(noisy.sum(-1), 1.0, rtol=1e-6)
+    assert np.abs(np.asarray(noisy) - 0.25).max() < 3 * eps
+    c = jnp.array([[1.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, 0.0]])
+
+    def loss(ws):
+        return jnp.sum(c * ws[0])
+
+    attacked = v.pgd_perturbation(weights, eps, jax.random.key(1), loss, steps=7)[0]
+    assert loss([attacked]) > loss(weights) + eps  # pushed up along c, each weight moved up to eps
+    assert attacked[0, 0] > 0.25 and attacked[0, 3] < 0.25 and attacked[1, 1] > 0.25
+    # eps grows from 0.03 at epoch 0 towards `epsilon`: the weight step's view, not alpha's
+    method = parts(v.sdarts("random", epsilon=0.3), CONTEXT)
+    assert method.arch_view is None and method.weight_view is not None
+
+
+def test_fairdarts_sigmoid_weights_zero_one_loss_and_selection():
+    method = parts(v.fairdarts(), CONTEXT)
+    alpha = jnp.array([[0.0, math.log(3.0)]])  # sigmoids 0.5 and 0.75
+    arch = {"a": dx.ArchLogits(alpha)}
+    np.testing.assert_allclose(
+        method.arch_view(arch, jnp.int32(0), jax.random.key(0))["a"].weights(), [[0.5, 0.75]], rtol=1e-6
+    )
+    np.testing.assert_allclose(method.arch_reg(arch, 0), -10.0 * (0 + 0.25**2) / 2, rtol=1e-6)
+    # Node 0 of a DARTS cell has edges 0 and 1 and keeps both; node 1 picks 2 of edges 2, 3, 4.
+    # Edge 2's ops compete (softmax weight of its best op low), but its sigmoid is the highest.
+    net = dx.darts_supernet(channels=4, layers=1, num_classes=3, in_channels=1, key=jax.random.key(0))
+    logits = np.full((14, 8), -6.0, np.float32)
+    conv = dx.DARTS_SPACE.op_names.index("sep_conv_3x3")
+    logits[2, 1:] = 3.0  # every op at 3: softmax 1/7 each, sigmoid 0.95
+    logits[3, conv] = 1.0  # one op at 1: softmax ~1, sigmoid 0.73
+    logits[4, conv] = 0.5
+    net = eqx.tree_at(lambda n: n.arch.alpha["normal"].logits, net, jnp.asarray(logits))
+    fair = method.select(net).normal
+    plain = dx.derive_genotype(net).normal
+    assert {j for _, j in plain[2:4]} == {1, 2}  # softmax strengths 0.99, 0.99 beat 1/7
+    assert {j for _, j in fair[2:4]} == {0, 1}  # sigmoid strengths 0.95, 0.73 beat 0.62
+
+
+DATA = dx.data.from_arrays(*tiny_arrays(n=128))
+OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize("name", ["gdas", "drnas", "sdarts-rs", "sdarts-adv", "fairdarts"])
+def test_each_method_searches_and_resumes_bit_for_bit(name, tmp_path):
+    run = tmp_path / "checkpoints"
+    whole = dx.search(jax.random.key(2), DATA, method=name, checkpoint_dir=run, checkpoint_every=2, **OPTIONS)
+    assert whole.config.method == name and len(whole.history) == 2
+    assert all(np.isfinite(h["val_loss"]) for h in whole.history)
+    shutil.rmtree(run / "step-000000008")  # as if killed during the last two steps
+    resumed = dx.search(
+        jax.random.key(2), DATA, method=name, checkpoint_dir=run, checkpoint_every=2, resume=True, **OPTIONS
+    )
+    assert resumed.history == whole.history and resumed.genotype == whole.genotype
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(whole.supernet, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(resumed.supernet, eqx.is_array)),
+    ):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
