@@ -171,15 +171,25 @@ def search(args) -> None:
         progress=None if main_process else False,
         metrics_dir=out,
         tensorboard=args.tensorboard,
+        score_genotype=_benchmark_scores(args.nb201_table),
     )
     if main_process:
         save_history(result.history, result.supernet)
         _write_search_results(result, out, time.perf_counter() - start, args.nb201_table)
 
 
+def _benchmark_scores(nb201_table):
+    """Each epoch's record scored in the NAS-Bench-201 table (anytime accuracies), if one is given."""
+    if nb201_table is None:
+        return None
+    from .nb201 import benchmark_scores
+
+    return benchmark_scores(nb201_table)
+
+
 def _write_search_results(result, out: str, seconds: float, nb201_table) -> None:
     from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
-    from ._plot import plot_alphas, plot_cell
+    from ._plot import plot_alphas, plot_benchmark, plot_cell
     from ._spaces import get_space
 
     config = result.config
@@ -207,6 +217,7 @@ def _write_search_results(result, out: str, seconds: float, nb201_table) -> None
 
         scores = lookup(result.genotype, nb201_table)
         atomic_write_text(os.path.join(out, "nb201.json"), json.dumps({"arch": str(result.genotype), **scores}))
+        plot_benchmark(result.history, os.path.join(out, "nb201.png"))
         print("NAS-Bench-201: " + ", ".join(f"{k} {v:.2f}%" for k, v in scores.items()))
 
 

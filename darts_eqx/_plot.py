@@ -155,3 +155,25 @@ def plot_alphas(history: list[dict], path: str | os.PathLike, op_names=None) -> 
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(os.fspath(path), dpi=90)
     plt.close(fig)
+
+
+def plot_benchmark(history: list[dict], path: str | os.PathLike, key: str = "nb201") -> None:
+    """The benchmark accuracies each epoch's selected cell scores (`record[key]`, e.g. anytime
+    NAS-Bench-201: one line per data set) over the epochs of a search history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [(r["epoch"], r[key]) for r in history if key in r]
+    if not records:
+        raise ValueError(f"the history holds no {key!r} records")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name in records[0][1]:
+        ax.plot([e for e, _ in records], [scores[name] for _, scores in records], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy of the selected cell (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=90)
+    plt.close(fig)

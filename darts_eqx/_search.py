@@ -69,6 +69,7 @@ def search(
     metrics_dir: str | os.PathLike | None = None,
     tensorboard: bool = False,
     on_metrics=None,
+    score_genotype=None,
     **options,
 ) -> SearchResult:
     """Run a DARTS search (first or second order, as `config.order` says).
@@ -111,6 +112,9 @@ def search(
     - `on_metrics`: called as `on_metrics(record)` with each record as it is written (a dict as
       above, also without `metrics_dir`), e.g. to forward it to an experiment tracker. Process 0
       alone writes records and calls it.
+    - `score_genotype`: called at each epoch's end with the genotype the method selects from the
+      supernet then; the dict it returns joins that epoch's history record (and its checkpoint),
+      e.g. `darts_eqx.nb201.benchmark_scores(table)` for anytime NAS-Bench-201 accuracies.
 
     Data-parallel (`execution.devices`): each global batch is split over the devices, everything
     else is replicated, and gradients and batch-norm statistics are over the global batch: the same
@@ -155,6 +159,7 @@ def search(
     select = estimate.pop("select")
     chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, **estimate)
     epoch_end, stop = _hessian_tracking(config, static, device_data, schedule.val_pool, key_split)
+    epoch_end = _scored(epoch_end, score_genotype, select or derive_genotype, static)
     checkpoints, reports = (checkpoint_dir, checkpoint_every, identity), (callback, epoch_end, stop, metrics)
     loop = SearchLoop(chunk, schedule, device_data, mesh, static, config, *checkpoints, *reports)
     done = loop.run(start, progress)
@@ -223,6 +228,19 @@ def _hessian_tracking(config: SearchConfig, static, device_data, val_pool, key_s
         return grew(eigenvalues, factor, config.early_stop_window)
 
     return epoch_end, stop
+
+
+def _scored(epoch_end, score_genotype, select, static):
+    """`epoch_end` that also adds `score_genotype(genotype)` to the epoch's record."""
+    if score_genotype is None:
+        return epoch_end
+
+    def scored(record, state, epoch):
+        if epoch_end is not None:
+            epoch_end(record, state, epoch)
+        record.update(score_genotype(select(combine_arch(state.arch, state.weights, static))))
+
+    return scored
 
 
 def _result(done: Progress, static, config, execution, mesh, key_impl: str, select) -> SearchResult:

@@ -330,3 +330,31 @@ def lookup(arch, table_path: str | os.PathLike) -> dict[str, float]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the NAS-Bench-201 table {table_path} ({e})") from None
     raise ValueError(f"architecture {arch} is not in {table_path}")
+
+
+def benchmark_scores(table_path: str | os.PathLike):
+    """`score(genotype) -> {"nb201": lookup(genotype, table_path)}`, the table read once: give it to
+    `search(score_genotype=...)` and every epoch's history record carries the benchmark accuracies
+    of the cell selected at that epoch (anytime NAS-Bench-201)."""
+    table_path = os.fspath(table_path)
+    try:
+        with open(table_path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "ArchitectureString" not in reader.fieldnames:
+                raise ValueError(f"{table_path}: no ArchitectureString column (has {reader.fieldnames})")
+            table = {
+                row["ArchitectureString"]: {
+                    k: float(row[c]) for k, c in _COLUMNS.items() if row.get(c) not in (None, "")
+                }
+                for row in reader
+            }
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the NAS-Bench-201 table {table_path} ({e})") from None
+
+    def score(genotype) -> dict:
+        arch = str(genotype)
+        if arch not in table:
+            raise ValueError(f"architecture {arch} is not in {table_path}")
+        return {"nb201": table[arch]}
+
+    return score

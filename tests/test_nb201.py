@@ -95,7 +95,7 @@ def test_nb201_search_command_reports_the_benchmark_accuracy(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y)
     out = tmp_path / "run"
     args = ["search", "--dataset", str(tmp_path / "d.npz"), "--space", "nb201", "--layers", "1", "--channels", "4"]
-    args += ["--epochs", "1", "--batch-size", "16", "--nb201-table", str(tmp_path / "t.csv"), "--out", str(out)]
+    args += ["--epochs", "2", "--batch-size", "16", "--nb201-table", str(tmp_path / "t.csv"), "--out", str(out)]
     assert main(args) == 0
     genotype = json.loads((out / "genotype.json").read_text())
     assert genotype["space"] == "nb201" and nb201.NB201Genotype.from_json(genotype)
@@ -103,6 +103,13 @@ def test_nb201_search_command_reports_the_benchmark_accuracy(tmp_path, capsys):
     assert scores["arch"] == genotype["arch"] and scores["cifar10"] == score(genotype["arch"])
     assert "NAS-Bench-201: cifar10" in capsys.readouterr().out
     assert (out / "alphas.png").exists()
+    # anytime: each epoch's record scores the cell alpha selected at that epoch
+    history = json.loads((out / "history.json").read_text())
+    for record in history:
+        ops = [dx.NB201_SPACE.op_names[i] for i in np.argmax(record["alpha"], axis=-1)]
+        arch = str(nb201.NB201Genotype(tuple(ops)))
+        assert record["nb201"] == {"cifar10": score(arch), "cifar100": score(arch) - 20}
+    assert history[-1]["nb201"]["cifar10"] == scores["cifar10"] and (out / "nb201.png").exists()
     assert main(["search", "--space", "darts", "--nb201-table", str(tmp_path / "t.csv")]) == 2
 
 
