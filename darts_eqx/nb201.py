@@ -317,19 +317,8 @@ def lookup(arch, table_path: str | os.PathLike) -> dict[str, float]:
     """The benchmark's test accuracies (percent, 200 epochs) of `arch` (a string or
     `NB201Genotype`) from a NAS-Bench-201 accuracy CSV with an `ArchitectureString` column, as
     `{"cifar10": ..., "cifar100": ..., "imagenet16-120": ...}` (columns the table lacks are left out)."""
-    arch = str(arch if isinstance(arch, NB201Genotype) else NB201Genotype.parse(arch))
-    table_path = os.fspath(table_path)
-    try:
-        with open(table_path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "ArchitectureString" not in reader.fieldnames:
-                raise ValueError(f"{table_path}: no ArchitectureString column (has {reader.fieldnames})")
-            for row in reader:
-                if row["ArchitectureString"] == arch:
-                    return {k: float(row[c]) for k, c in _COLUMNS.items() if row.get(c) not in (None, "")}
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read the NAS-Bench-201 table {table_path} ({e})") from None
-    raise ValueError(f"architecture {arch} is not in {table_path}")
+    arch = arch if isinstance(arch, NB201Genotype) else NB201Genotype.parse(arch)
+    return benchmark_scores(table_path)(arch)["nb201"]
 
 
 def benchmark_scores(table_path: str | os.PathLike):
