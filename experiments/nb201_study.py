@@ -1,0 +1,210 @@
+"""NAS-Bench-201 study: which DARTS variants find good cells, and which drift towards parameter-free
+ones, on the CIFAR-10 subset with every epoch's cell looked up in the benchmark table.
+
+    python experiments/nb201_study.py [--out runs/nb201_study] [--seeds 0 1 2] [--methods ...]
+        [--data ../shared/data/cifar10_10k.npz] [--table ../shared/data/nb201_accuracy.csv]
+
+Resumable: each search checkpoints into OUT/runs/METHOD-seedS/ and a rerun continues where it
+stopped (a killed search resumes from its last checkpoint, bit for bit); finished searches are
+lines of OUT/results.jsonl. Searches run seed by seed across the methods, so a partial study is
+balanced. OUT/report.md holds the table (benchmark test accuracy, mean ± std over seeds; the share
+of parameter-free ops, `none`, `skip_connect` and `avg_pool_3x3`, in the final cells; wall time per
+search) and OUT/anytime.png the CIFAR-10 accuracy of each epoch's cell, mean over seeds.
+
+The budget is cut to fit a 2-core CPU (each cut is a flag); the published figures come from full
+searches (C=16, 5 cells per stage, 32x32 images, 25,000 images, 50-100 epochs), so the comparison
+says how the methods behave at this budget. Hyper-parameters are the papers' (`darts_eqx.methods`);
+beta-DARTS uses the authors' NAS-Bench-201 strength, lambda ramped from 0 to 50.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import equinox as eqx
+import jax
+import numpy as np
+from shared_data import CIFAR10_SUBSET, NB201_TABLE, pooled, write_report
+
+import darts_eqx as dx
+
+# name -> search options (the rest of the config is the paper's DARTS search)
+METHODS = {
+    "darts-1st": dict(order=1),
+    "darts-2nd": dict(order=2),
+    "beta-darts": dict(beta_reg=50.0),
+    "darts-minus": dict(aux_skip=1.0),
+    "gdas": dict(method="gdas"),
+    "drnas": dict(method="drnas"),
+    "sdarts-rs": dict(method="sdarts-rs"),
+    "fairdarts": dict(method="fairdarts"),
+}
+PARAMETER_FREE = ("none", "skip_connect", "avg_pool_3x3")
+DATASETS = ("cifar10", "cifar100", "imagenet16-120")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=CIFAR10_SUBSET)
+    p.add_argument("--table", default=NB201_TABLE)
+    p.add_argument("--out", default="runs/nb201_study")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--channels", type=int, default=8)
+    p.add_argument("--cells", type=int, default=1, help="cells per stage")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--report-only", action="store_true", help="write the report from what has finished")
+    a = p.parse_args()
+    for path in (a.data, a.table):
+        if not os.path.exists(path):
+            print(f"skipped: {path} not found", file=sys.stderr)
+            return
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    if not a.report_only:
+        with np.load(a.data) as f:
+            x, y = pooled(f["x_train"][: a.images], a.image_size), f["y_train"][: a.images]
+        data = dx.data.from_arrays(x, y, name=os.path.basename(a.data))
+        for seed in a.seeds:
+            for method in a.methods:
+                if (method, seed) not in finished(a.out):
+                    run(a, data, method, seed)
+    report(a)
+
+
+def finished(out: str) -> dict:
+    path = os.path.join(out, "results.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {(r["method"], r["seed"]): r for r in rows}
+
+
+def run(a, data, method: str, seed: int) -> None:
+    folder = os.path.join(a.out, "runs", f"{method}-seed{seed}")
+    os.makedirs(folder, exist_ok=True)
+    seconds_path = os.path.join(folder, "seconds.json")
+    seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else []
+    clock = [time.perf_counter()]
+
+    def timed(history, supernet):  # wall time per epoch, kept across resumes
+        now = time.perf_counter()
+        del seconds[len(history) - 1 :]
+        seconds.append(now - clock[0])
+        clock[0] = now
+        with open(seconds_path, "w") as f:
+            json.dump(seconds, f)
+        print(f"{method} seed {seed}: epoch {len(history)}, {history[-1]['nb201']['cifar10']:.2f}", flush=True)
+
+    warnings.filterwarnings("ignore", message="no checkpoint in", category=dx.CheckpointWarning)
+    result = dx.search(
+        jax.random.key(seed),
+        data,
+        space="nb201",
+        channels=a.channels,
+        layers=a.cells,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        checkpoint_dir=os.path.join(folder, "checkpoints"),
+        resume=True,
+        progress=False,
+        callback=timed,
+        score_genotype=dx.nb201.benchmark_scores(a.table),
+        **METHODS[method],
+    )
+    eqx.tree_serialise_leaves(os.path.join(folder, "supernet.eqx"), result.supernet)
+    row = {
+        "method": method,
+        "seed": seed,
+        "arch": str(result.genotype),
+        **result.history[-1]["nb201"],
+        "parameter_free": parameter_free_share(str(result.genotype)),
+        "seconds": float(sum(seconds)),
+        "anytime": [h["nb201"] for h in result.history],
+        "budget": {k: getattr(a, k) for k in ("images", "image_size", "channels", "cells", "epochs", "batch_size")},
+        "commit": _commit(),
+    }
+    with open(os.path.join(a.out, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _commit() -> str:
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return head.stdout.strip()
+
+
+def parameter_free_share(arch: str) -> float:
+    """Share of a NAS-Bench-201 cell's 6 edges whose op has no parameters."""
+    ops = [part.split("~")[0] for part in arch.replace("+", "").split("|") if "~" in part]
+    return sum(op in PARAMETER_FREE for op in ops) / len(ops)
+
+
+def report(a) -> None:
+    rows = finished(a.out)
+    if not rows:
+        return
+    budget = next(iter(rows.values()))["budget"]
+    lines = [
+        "# NAS-Bench-201 study on the CIFAR-10 subset",
+        "",
+        f"Budget: first {budget['images']} images of the subset pooled to {budget['image_size']}x"
+        f"{budget['image_size']}, C={budget['channels']}, {budget['cells']} cell(s) per stage, "
+        f"{budget['epochs']} epochs, batch {budget['batch_size']}. Test accuracy (%, 200 epochs) of each "
+        "final cell in the benchmark table, mean ± std over seeds.",
+        "",
+        "| method | seeds | CIFAR-10 | CIFAR-100 | ImageNet16-120 | parameter-free ops | minutes per search |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        mine = [r for (m, _), r in sorted(rows.items()) if m == method]
+        if not mine:
+            continue
+        cols = [_stat([r[d] for r in mine if d in r]) for d in DATASETS]
+        free = _stat([100 * r["parameter_free"] for r in mine], "%")
+        minutes = _stat([r["seconds"] / 60 for r in mine])
+        lines.append(f"| {method} | {len(mine)} | {' | '.join(cols)} | {free} | {minutes} |")
+    lines += ["", "Cells found:", ""]
+    for (method, seed), r in sorted(rows.items()):
+        lines.append(f"- {method}, seed {seed}: `{r['arch']}` ({r['cifar10']:.2f})")
+    write_report(a.out, lines)
+    plot_anytime(rows, os.path.join(a.out, "anytime.png"))
+
+
+def _stat(values, unit: str = "") -> str:
+    if not values:
+        return "-"
+    v = np.asarray(values, float)
+    return f"{v.mean():.2f}{unit} ± {v.std():.2f}{unit}" if len(v) > 1 else f"{v[0]:.2f}{unit}"
+
+
+def plot_anytime(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in METHODS:
+        curves = [r["anytime"] for (m, _), r in rows.items() if m == method]
+        if not curves:
+            continue
+        acc = np.asarray([[epoch["cifar10"] for epoch in c] for c in curves])
+        ax.plot(np.arange(1, acc.shape[1] + 1), acc.mean(0), label=f"{method} ({len(curves)})")
+    ax.set_xlabel("search epoch")
+    ax.set_ylabel("CIFAR-10 test accuracy of the epoch's cell (%)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
