@@ -47,12 +47,18 @@ SEARCH_OPTIONS = (
         None,
         "the DARTS variant, with its authors' defaults: darts (default), gdas, drnas, sdarts-rs, sdarts-adv, fairdarts",
     ),
+    (
+        "--select",
+        None,
+        "how the genotype is chosen: argmax (the strongest alpha, default) or pt (DARTS-PT: the ops whose removal "
+        "costs the supernet most validation accuracy)",
+    ),
     ("--beta-reg", float, "beta-DARTS regularisation strength (ramped from 0; default off)"),
     ("--aux-skip", float, "DARTS-: auxiliary skip weight, decaying to 0 (paper: 1)"),
     ("--early-stop-factor", float, "DARTS-ES: stop when the Hessian eigenvalue grew by this factor"),
     ("--early-stop-window", int, "DARTS-ES window in epochs (default 5)"),
 )
-_CHOICES = {"--order": (1, 2), "--estimator": ("exact", "finite_difference")}
+_CHOICES = {"--order": (1, 2), "--estimator": ("exact", "finite_difference"), "--select": ("argmax", "pt")}
 # Fields of `Execution` set from the command line.
 EXECUTION_OPTIONS = ("steps_per_chunk", "shared_trace", "depthwise", "xla_preset")
 

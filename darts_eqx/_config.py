@@ -31,6 +31,10 @@ class SearchConfig:
       `sdarts-rs` and `sdarts-adv` (random and adversarial perturbation in the weight step) or
       `fairdarts` (independent sigmoids, zero-one loss). It combines with `order`, `beta_reg`
       and `aux_skip`.
+    - `select`: how the genotype is chosen from the trained supernet: `argmax` (the paper's: the
+      strongest alpha; a method may set its own) or `pt` (DARTS-PT, Wang et al., 2021: by how
+      much removing each op costs the supernet's validation accuracy, with fine-tuning between
+      edges; see `darts_eqx.methods`).
     - `beta_reg`: beta-DARTS regularisation (Ye et al., 2022): lambda * mean over edges of
       logsumexp(alpha) added to the validation loss, lambda ramped linearly from 0 to `beta_reg`
       over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS).
@@ -67,6 +71,7 @@ class SearchConfig:
     xi: float | None = None
     partial_channels: int = 1
     method: str = "darts"
+    select: str = "argmax"
     beta_reg: float = 0.0
     aux_skip: float = 0.0
     hessian: bool = False
@@ -104,6 +109,8 @@ class SearchConfig:
             raise ValueError(f"`method` (={self.method!r}) must be one of {tuple(METHODS)}")
         if self.method in ("sdarts-rs", "sdarts-adv") and self.order == 2 and self.estimator == "finite_difference":
             raise ValueError(f"`method` {self.method!r} perturbs the weight step: use order 1 or the exact estimator")
+        if self.select not in ("argmax", "pt"):
+            raise ValueError(f"`select` (={self.select!r}) must be 'argmax' or 'pt'")
 
     def _check_partial_channels(self):
         if isinstance(self.partial_channels, bool) or not isinstance(self.partial_channels, int):

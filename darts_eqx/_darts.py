@@ -64,6 +64,14 @@ class DartsTopology(Topology):
             key=key,
         )
 
+    def edge_groups(self, supernet):
+        steps = supernet.cells[0].steps
+        return [
+            (kind, [edge_index(node, source) for source in range(node + 2)], 2)
+            for kind in ("normal", "reduce")
+            for node in range(steps)
+        ]
+
     def derive(self, space, supernet):
         cell = supernet.cells[0]
         concat = tuple(range(2 + cell.steps - cell.multiplier, 2 + cell.steps))

@@ -163,6 +163,8 @@ def search(
     checkpoints, reports = (checkpoint_dir, checkpoint_every, identity), (callback, epoch_end, stop, metrics)
     loop = SearchLoop(chunk, schedule, device_data, mesh, static, config, *checkpoints, *reports)
     done = loop.run(start, progress)
+    if config.select == "pt":
+        select = _perturbation(config, data, schedule, execution, jax.random.fold_in(key_split, 3))
     return _result(done, static, config, execution, mesh, key_impl, select or derive_genotype)
 
 
@@ -228,6 +230,25 @@ def _hessian_tracking(config: SearchConfig, static, device_data, val_pool, key_s
         return grew(eigenvalues, factor, config.early_stop_window)
 
     return epoch_end, stop
+
+
+def _perturbation(config, data, schedule: Schedule, execution: Execution, key):
+    """DARTS-PT's selection on the search's data and split, as `select(supernet) -> genotype`, with
+    the authors' fine-tuning: 10 epochs between decisions where edges are chosen too, else 5."""
+    from ._perturbation import DEFAULT_TUNE_EPOCHS, perturbation_select
+
+    images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    single = execution.replace(devices=None)
+
+    def select(supernet):
+        groups = get_space(config.space).topology.edge_groups(supernet)
+        tune = 2 * DEFAULT_TUNE_EPOCHS if groups else DEFAULT_TUNE_EPOCHS
+        schedule_ = dataclasses.replace(schedule, chunk_len=schedule.steps_per_epoch)
+        return perturbation_select(
+            supernet, config, images, labels, schedule_, key=key, execution=single, tune_epochs=tune
+        )[0]
+
+    return select
 
 
 def _scored(epoch_end, score_genotype, select, static):

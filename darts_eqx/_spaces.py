@@ -94,6 +94,14 @@ class Topology:
     supports_partial_channels: bool = False
     # The `layers` the command line uses when none is given (None: `SearchConfig`'s default).
     default_layers: int | None = None
+    # Whether its genotypes may pick the space's `none` op on an edge (NAS-Bench-201's do).
+    chooses_droppable: bool = False
+
+    def edge_groups(self, supernet):
+        """The groups of edges its genotypes choose among, as `(cell kind, alpha rows, how many are
+        kept)` (the DARTS cell: each node's incoming edges, 2 kept), or None when every edge is kept
+        (for DARTS-PT's edge decisions)."""
+        return None
 
     def reductions(self, config) -> int:
         """How many times the supernet of `config` halves the image size."""

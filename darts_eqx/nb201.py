@@ -269,6 +269,7 @@ class NB201Topology(Topology):
     of cells per stage. Its genotype is an `NB201Genotype`."""
 
     default_layers = 5  # the benchmark's cells per stage
+    chooses_droppable = True
 
     def reductions(self, config) -> int:
         return 2

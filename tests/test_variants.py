@@ -160,3 +160,36 @@ def test_each_method_searches_and_resumes_bit_for_bit(name, tmp_path):
         jax.tree.leaves(eqx.filter(resumed.supernet, eqx.is_array)),
     ):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_perturbation_selection_keeps_the_ops_and_edges_whose_removal_costs_most(monkeypatch):
+    # A stand-in for the supernet's accuracy: the op weights on column `conv` (weighted by the
+    # edge's row, so later edges matter more). Removing `conv` from an edge costs most; removing a
+    # node's later incoming edges costs most. DARTS-PT must keep exactly those.
+    from darts_eqx import _perturbation
+
+    conv = dx.DARTS_SPACE.op_names.index("sep_conv_5x5")
+
+    def accuracy(state, static, op_weights, batches):
+        return float(sum(jnp.sum(w[:, conv] * (1.0 + jnp.arange(w.shape[0]) / 100)) for w in op_weights.values()))
+
+    monkeypatch.setattr(_perturbation, "_accuracy", accuracy)
+    config = dx.SearchConfig(channels=4, layers=3, batch_size=8, epochs=1)
+    data = dx.data.from_arrays(*tiny_arrays(n=32, size=8))
+    supernet = dx.darts_supernet(4, 3, 3, 1, key=jax.random.key(0))
+    schedule = dx._loop.Schedule(jnp.arange(16), jnp.arange(16, 32), jax.random.key(1), 8, 2, 2)
+    images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    genotype, _ = _perturbation.perturbation_select(
+        supernet, config, images, labels, schedule, key=jax.random.key(2), execution=dx.Execution(), tune_epochs=0
+    )
+    for cell in (genotype.normal, genotype.reduce):
+        assert all(op == "sep_conv_5x5" for op, _ in cell)
+        assert [j for _, j in cell] == [0, 1, 1, 2, 2, 3, 3, 4]  # each node's two latest inputs
+
+
+def test_a_search_selects_by_perturbation():
+    data = dx.data.from_arrays(*tiny_arrays(n=64))
+    options = dict(space="nb201", channels=4, layers=1, epochs=1, batch_size=16, progress=False)
+    pt = dx.search(jax.random.key(0), data, select="pt", **options)  # 6 edges decided, 5 epochs between
+    assert isinstance(pt.genotype, dx.nb201.NB201Genotype) and pt.config.select == "pt"
+    assert pt.network.genotype == pt.genotype and len(pt.history) == 1  # the search itself unchanged
