@@ -14,7 +14,8 @@ search) and OUT/anytime.png the CIFAR-10 accuracy of each epoch's cell, mean ove
 The budget is cut to fit a 2-core CPU (each cut is a flag); the published figures come from full
 searches (C=16, 5 cells per stage, 32x32 images, 25,000 images, 50-100 epochs), so the comparison
 says how the methods behave at this budget. Hyper-parameters are the papers' (`darts_eqx.methods`);
-beta-DARTS uses the authors' NAS-Bench-201 strength, lambda ramped from 0 to 50.
+beta-DARTS uses the authors' NAS-Bench-201 strength, lambda ramped from 0 to 50; DARTS-PT is the
+first-order DARTS search (the same key gives the same supernet) selected by perturbation.
 """
 
 import argparse
@@ -34,6 +35,7 @@ import darts_eqx as dx
 # name -> search options (the rest of the config is the paper's DARTS search)
 METHODS = {
     "darts-1st": dict(order=1),
+    "darts-pt": dict(order=1, select="pt"),  # the darts-1st search (same key), selected by perturbation
     "darts-2nd": dict(order=2),
     "beta-darts": dict(beta_reg=50.0),
     "darts-minus": dict(aux_skip=1.0),
