@@ -19,6 +19,7 @@ from ._methods import (
     softmax as softmax,
     unrolled as unrolled,
 )
+from ._mixed import SampledWeights as SampledWeights
 from ._variants import (
     METHODS as METHODS,
     drnas as drnas,
@@ -32,6 +33,7 @@ __all__ = [
     "Method",
     "MethodContext",
     "Plugin",
+    "SampledWeights",
     "auxiliary_skip",
     "beta_regularisation",
     "chain",
