@@ -9,7 +9,9 @@ import dataclasses
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from ._dtype import float_dtype
@@ -20,12 +22,38 @@ _IMAGE_COLUMNS = ("img", "image", "pixel_values", "x")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "y")
 
 
+class PixelNorm(NamedTuple):
+    """The per-channel normalisation of a data set's images: `(pixels - mean) / std`, with the
+    mean and standard deviation of its raw training pixels. Called on images of any integer or
+    float dtype (`[n, h, w]` or `[n, h, w, c]`, NumPy or JAX, also under `jit`) it returns them as
+    the data set's images are: normalised, in JAX's default float."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, images):
+        x = jnp.asarray(images)
+        if not (jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)):
+            raise ValueError(f"images must be integer or float pixels, got dtype {x.dtype}")
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[-1] != len(self.mean):
+            raise ValueError(
+                f"images must have shape [n, height, width, {len(self.mean)}] (or [n, height, width] for one "
+                f"channel), got shape {x.shape}"
+            )
+        dtype = float_dtype()
+        mean, std = (jnp.asarray(v, dtype).reshape(1, 1, 1, -1) for v in (self.mean, self.std))
+        return (x.astype(dtype) - mean) / std
+
+
 @dataclass(frozen=True, eq=False)
 class ImageData:
     """A labelled image data set, normalised per channel with the training set's statistics.
 
     `x_*` are float32 (float64 under `jax_enable_x64`) `[n, height, width, channels]`, `y_*` int32
-    `[n]`; the test split may be absent.
+    `[n]`; the test split may be absent. `pixel_norm` normalises new images the same way (the
+    networks that `search` and `train` return carry it: `network.predict(raw_images)`).
     """
 
     x_train: np.ndarray
@@ -34,6 +62,7 @@ class ImageData:
     y_test: np.ndarray | None
     num_classes: int
     name: str = "arrays"
+    pixel_norm: PixelNorm | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -141,6 +170,8 @@ def from_arrays(
     def norm(x: np.ndarray) -> np.ndarray:
         return ((x - mean) / std).astype(float_dtype())
 
+    pixel_norm = PixelNorm(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
     return ImageData(
         norm(x_train),
         y_train.astype(np.int32),
@@ -148,6 +179,7 @@ def from_arrays(
         None if y_test is None else y_test.astype(np.int32),
         num_classes,
         name,
+        pixel_norm,
     )
 
 

@@ -1,6 +1,7 @@
 """Saving a trained network and loading it back: the genotype and sizes that rebuild it
 (`model.json`) beside its arrays (`model.eqx`)."""
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -9,6 +10,7 @@ import equinox as eqx
 import jax
 
 from ._checkpoint import atomic_write_bytes, atomic_write_text, serialised
+from ._data import PixelNorm
 from ._skeleton import CellNetwork
 from ._spaces import get_space
 from ._train import TrainResult
@@ -33,6 +35,7 @@ def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes:
         "auxiliary": result.config.auxiliary,
         "num_classes": num_classes,
         "in_channels": in_channels,
+        "pixel_norm": None if result.model.pixel_norm is None else result.model.pixel_norm._asdict(),
     }
     atomic_write_text(os.path.join(directory, "model.json"), json.dumps(spec, indent=2))
 
@@ -56,6 +59,10 @@ def load_trained(directory: str | os.PathLike) -> tuple[CellNetwork, Any]:
             spec["auxiliary"],
             key=jax.random.key(0),
         )
+        norm = spec.get("pixel_norm")  # absent in models saved before it was recorded
+        model, state = like  # a fresh network and its batch-norm state
+        pixel_norm = None if norm is None else PixelNorm(**{k: tuple(v) for k, v in norm.items()})
+        like = (dataclasses.replace(model, pixel_norm=pixel_norm), state)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{directory} holds no readable trained model ({type(e).__name__}: {e})") from None
     return eqx.tree_deserialise_leaves(os.path.join(directory, "model.eqx"), like)

@@ -140,6 +140,7 @@ def search(
 
     # The supernet: weights w and alpha, each with its own optimiser.
     supernet = build_supernet(config, data.image_shape, data.num_classes, key=key_model)
+    supernet = dataclasses.replace(supernet, pixel_norm=data.pixel_norm)  # for `predict` on new images
     arch, weights, static = split_arch(supernet)
     w_opt, a_opt = weight_optimizer(config, schedule.steps_per_epoch), arch_optimizer(config)
     state = initial_state(weights, arch, w_opt, a_opt, key_state)

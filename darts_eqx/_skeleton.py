@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._conv import conv2d, pointwise_conv
+from ._data import PixelNorm
 from ._dtype import float_dtype
 from ._norm import BatchNorm, Normalisation, RunningBatchNorm
 from ._ops import Conv2d, Images, Output, _uniform
@@ -118,11 +119,15 @@ class CellNetwork(eqx.Module):
       op weights (`cell_kinds[i]` names cell i's; None for a cell without), or None.
     - `space`: the name of the search space it belongs to.
     - `genotype`: the architecture a discrete network implements (None for a supernet).
+    - `pixel_norm`: how the images it learned from were normalised (a `darts_eqx.data.PixelNorm`),
+      when known: the networks `search` and `train` return carry their data's.
 
     **Call:** `model(x)` gives the logits of a network without running statistics (a supernet, a
     discretised supernet). With running statistics, `model(x, state, train=..., drop_prob=...,
     key=...)` gives `(logits, aux_logits or None, state)`; `train=False` (the default) uses the
-    running statistics; drop-path acts in training when a `key` is given.
+    running statistics; drop-path acts in training when a `key` is given. `model.predict(images)`
+    (or `model.predict(images, state)`) takes images as a user has them, of any integer or float
+    dtype, normalises them as its data was (`pixel_norm`) and gives inference logits.
     """
 
     stem: Stem
@@ -134,6 +139,7 @@ class CellNetwork(eqx.Module):
     cell_kinds: tuple[str | None, ...] = eqx.field(static=True)
     auxiliary_after: int = eqx.field(static=True, default=-1)
     genotype: Any = eqx.field(static=True, default=None)
+    pixel_norm: Any = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if len(self.cell_kinds) != len(self.cells):
@@ -146,6 +152,16 @@ class CellNetwork(eqx.Module):
         drop = DropPath(drop_prob, key) if train and drop_prob is not None and key is not None else None
         logits, aux, state = model._forward(x, state, train, drop)
         return logits, aux, state
+
+    def predict(self, images, state=None):
+        """Inference logits for raw `images` (any integer or float dtype, `[n, h, w]` or
+        `[n, h, w, c]`), normalised with `pixel_norm` (as given, but as floats, without one)."""
+        norm = self.pixel_norm
+        if norm is None:  # no statistics known: the pixels as floats
+            channels = self.stem.conv.weight.shape[2]  # HWIO
+            norm = PixelNorm((0.0,) * channels, (1.0,) * channels)
+        x = norm(images)
+        return self(x) if state is None else self(x, state)[0]
 
     def _forward(self, x: Images, state, train: bool, drop: DropPath | None):
         weights = {} if self.arch is None else self.arch.weights()

@@ -2,6 +2,8 @@
 (build the supernet of a config, select its genotype, discretise it), dispatched to the space's
 topology so that nothing here names a space."""
 
+import dataclasses
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +69,8 @@ def discretize(model, genotype=None):
             f"a {space.name!r} supernet cannot take a {getattr(genotype, 'space', type(genotype).__name__)!r}-space "
             "genotype"
         )
-    return space.topology.discretize(space, model, genotype)
+    network = space.topology.discretize(space, model, genotype)
+    return dataclasses.replace(network, pixel_norm=model.pixel_norm)
 
 
 def arch_weights(model) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ flip and cutout (16 px on 32x32) done in JAX inside the jitted step, with the au
 threaded through the `lax.scan` carry; test accuracy each epoch with the running BN statistics.
 """
 
+import dataclasses
 import os
 import time
 import warnings
@@ -232,6 +233,7 @@ def train(
 
     key_model, key_order, key_train = jax.random.split(key, 3)
     model, bn_state = _trainable(architecture, config, data.num_classes, data.image_shape, key=key_model)
+    model = dataclasses.replace(model, pixel_norm=data.pixel_norm)  # for `predict` on new images
     params, static = eqx.partition(model, eqx.is_inexact_array)
     optimizer = train_optimizer(config, steps_per_epoch)
     carry = (params, optimizer.init(params), bn_state, key_train)

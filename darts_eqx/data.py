@@ -4,10 +4,11 @@ scikit-learn digits)."""
 
 from ._data import (
     ImageData as ImageData,
+    PixelNorm as PixelNorm,
     digits as digits,
     from_arrays as from_arrays,
     from_hf as from_hf,
     load as load,
 )
 
-__all__ = ["ImageData", "digits", "from_arrays", "from_hf", "load"]
+__all__ = ["ImageData", "PixelNorm", "digits", "from_arrays", "from_hf", "load"]

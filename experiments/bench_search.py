@@ -27,9 +27,11 @@ import numpy as np
 
 import darts_eqx as dx
 from darts_eqx._execution import use_compile_cache
+from darts_eqx._methods import parts
 from darts_eqx._optim import arch_optimizer, weight_optimizer
+from darts_eqx._spaces import get_space
 from darts_eqx._state import initial_state
-from darts_eqx._step import make_chunk_fn, second_order_gradient
+from darts_eqx._step import make_chunk_fn
 from darts_eqx._supernet import build_supernet
 
 
@@ -38,6 +40,7 @@ def main():
     parser.add_argument("--space", default="darts", choices=("darts", "nb201", "seed"))
     parser.add_argument("--order", type=int, default=1, choices=(1, 2))
     parser.add_argument("--estimator", default="exact", choices=("exact", "finite_difference"))
+    parser.add_argument("--method", default="darts", choices=tuple(dx.methods.METHODS))
     parser.add_argument("--C", type=int, default=8)
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
@@ -67,6 +70,7 @@ def main():
         partial_channels=a.partial_channels,
         order=a.order,
         estimator=a.estimator,
+        method=a.method,
     )
     execution = dx.Execution(shared_trace=a.shared_trace).resolve(config)
     key = jax.random.key(0)
@@ -79,14 +83,16 @@ def main():
     images = jnp.asarray(rng.normal(size=(n, a.image, a.image, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
-    arch_grad = second_order_gradient(config, 100) if a.order == 2 else None
-    chunk = make_chunk_fn(static, w_opt, a_opt, execution, arch_grad=arch_grad)
+    method = parts(dx.methods.from_config(config), dx.methods.MethodContext(config, get_space(a.space).op_names, 100))
+    estimate = {k: v for k, v in method._asdict().items() if k != "select"}
+    chunk = make_chunk_fn(static, w_opt, a_opt, execution, **estimate)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     config_fields = {
         "impl": "darts_eqx",
         "space": a.space,
         "order": a.order,
         "estimator": a.estimator if a.order == 2 else None,
+        "method": a.method,
         "C": a.C,
         "layers": a.layers,
         "batch": a.batch,

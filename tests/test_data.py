@@ -21,6 +21,16 @@ def test_arrays_uint8_and_grayscale_rank3():
     x = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8)
     d = dx.data.load((x, np.arange(20) % 4))
     assert d.x_train.shape == (20, 4, 4, 1) and d.num_classes == 4
+    # new images of any integer or float dtype are normalised as the data set's were
+    np.testing.assert_allclose(d.pixel_norm(x), d.x_train, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d.pixel_norm(x.astype(np.int64)[..., None]), d.x_train, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d.pixel_norm(x.astype(np.float16)), d.x_train, rtol=1e-6, atol=1e-6)
+    mean, std = x.mean(), x.std()
+    np.testing.assert_allclose(d.pixel_norm(x[:1])[0, 0, 0, 0], (x[0, 0, 0] - mean) / std, rtol=1e-5)
+    with pytest.raises(ValueError, match="integer or float pixels, got dtype bool"):
+        d.pixel_norm(x > 3)
+    with pytest.raises(ValueError, match=r"shape \[n, height, width, 1\]"):
+        d.pixel_norm(np.zeros((2, 4, 4, 3)))
 
 
 def _hf_dataset(n=12, size=8, mode="RGB"):

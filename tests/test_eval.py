@@ -140,6 +140,10 @@ def test_train_command_writes_history_and_a_loadable_model(trained):
     logits, _, _ = model(jnp.asarray(data.x_test), state, train=False)
     accuracy = float(np.mean(np.argmax(logits, -1) == data.y_test))
     assert accuracy == pytest.approx(history[-1]["test_acc"])  # the saved model is the one evaluated
+    # the saved model normalises raw images itself, as its training data was
+    with np.load(trained / "data.npz") as f:
+        raw = f["x_test"]
+    np.testing.assert_allclose(model.predict(raw, state), logits, rtol=1e-4, atol=1e-5)
 
 
 def test_show_command_prints_and_draws(tmp_path, capsys):
