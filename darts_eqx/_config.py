@@ -29,8 +29,9 @@ class SearchConfig:
     - `method`: the DARTS variant, with its authors' defaults (`darts_eqx.methods`): `darts` (the
       paper's), `gdas` (Gumbel-max sampling of one op per edge), `drnas` (Dirichlet op weights),
       `sdarts-rs` and `sdarts-adv` (random and adversarial perturbation in the weight step) or
-      `fairdarts` (independent sigmoids, zero-one loss). It combines with `order`, `beta_reg`
-      and `aux_skip`.
+      `fairdarts` (independent sigmoids, zero-one loss). `gdas`, `drnas` and `fairdarts` are
+      first order; the others combine with `order`; all with `beta_reg`, and all but `gdas` with
+      `aux_skip`.
     - `select`: how the genotype is chosen from the trained supernet: `argmax` (the paper's: the
       strongest alpha; a method may set its own) or `pt` (DARTS-PT, Wang et al., 2021: by how
       much removing each op costs the supernet's validation accuracy, with fine-tuning between
@@ -109,6 +110,16 @@ class SearchConfig:
             raise ValueError(f"`method` (={self.method!r}) must be one of {tuple(METHODS)}")
         if self.method in ("sdarts-rs", "sdarts-adv") and self.order == 2 and self.estimator == "finite_difference":
             raise ValueError(f"`method` {self.method!r} perturbs the weight step: use order 1 or the exact estimator")
+        if self.method in ("gdas", "drnas", "fairdarts") and self.order == 2:
+            # in second order only the weight step's forward pass sees a relaxation: alpha would
+            # be trained on softmax, not on the method's op weights
+            raise ValueError(f"`method` {self.method!r} is implemented for first-order search (order=1)")
+        if self.method == "gdas" and self.aux_skip:
+            raise ValueError("`aux_skip` adds to every op's weight; `method` 'gdas' evaluates one sampled op per edge")
+        if self.method == "fairdarts" and self.early_stop_factor is not None:
+            raise ValueError(
+                "DARTS-ES restores alpha from the history's softmax records, which do not keep FairDARTS' sigmoids"
+            )
         if self.select not in ("argmax", "pt"):
             raise ValueError(f"`select` (={self.select!r}) must be 'argmax' or 'pt'")
 

@@ -187,7 +187,8 @@ def digits() -> ImageData:
     """The 8x8 handwritten digits that scikit-learn ships as `load_digits` (1,797 images, 10
     classes; the UCI optdigits test set, CC BY 4.0), in a copy inside this package: no download and
     no scikit-learn. Pixels 0..16 scaled to [0, 1], in scikit-learn's order; the last 297 images
-    form the test split."""
+    form the test split. Its `pixel_norm` takes pixels in those [0, 1] units (scikit-learn's
+    `load_digits().images / 16`)."""
     with np.load(_DIGITS_FILE) as f:
         x = f["images"].astype(float_dtype()) / 16.0
         y = f["labels"].astype(np.int64)

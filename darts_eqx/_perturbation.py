@@ -3,12 +3,15 @@ the size of its alpha (Wang et al., ICLR 2021, Alg. 1), on the supernet of any m
 
 Edge by edge in random order: remove each candidate op of the edge in turn (its weight set to 0)
 and measure the supernet's accuracy on the validation half; keep the op whose removal costs most
-accuracy (the edge is then one-hot on it); fine-tune the supernet (weights and alpha, the paper's
-alternation with the weight lr at a tenth) for `tune_epochs` epochs before the next edge. The
-forward passes use softmax(alpha) on the edges not yet decided, as DARTS-PT does whatever the
-method. In a topology that also chooses edges (the DARTS cell: two inputs per node), each node
-then keeps the incoming edges whose removal costs most accuracy, measured once after the last
-op (the paper fine-tunes between those decisions too).
+accuracy (the edge is then one-hot on it); fine-tune the supernet (weights and alpha, first-order
+DARTS with the weight lr at a tenth, constant) for `tune_epochs` epochs before the next edge.
+Scoring and fine-tuning see softmax(alpha) on the edges not yet decided, whatever the method
+trained the supernet (a GDAS or FairDARTS supernet is scored as a softmax one). In a topology that
+also chooses edges (the DARTS cell: two inputs per node), each node then keeps the incoming edges
+whose removal costs most accuracy, measured once after the last op. This follows the authors'
+NAS-Bench-201 procedure; in the DARTS space they decide a normal and a reduction edge per round
+(5 epochs apart, the lr annealed from a tenth) and fine-tune between the nodes' edge decisions too.
+The selection is not checkpointed: a search killed during it selects again when resumed.
 """
 
 from collections.abc import Sequence

@@ -27,6 +27,9 @@ SAFE_TO_CHANGE = ("epochs",)
 DEFAULT_CHECKPOINT_EVERY = 100
 # How a search ran, which older checkpoints recorded in their config: not part of its identity.
 _EXECUTION_FIELDS = ("steps_per_chunk", "shared_trace")
+# Config fields that do not change the search's steps (how its genotype is selected at the end):
+# a checkpoint resumes whatever they are.
+_NOT_COMPARED = ("select",)
 
 
 def data_fingerprint(data) -> dict:
@@ -78,15 +81,20 @@ def check_options(checkpoint_dir, checkpoint_every, resume: bool, allow_changes)
 def _recorded_config(manifest: dict) -> dict:
     """The search config a checkpoint's manifest records, without the execution options older
     checkpoints kept in it. Empty when the manifest records none."""
-    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in _EXECUTION_FIELDS}
-    if recorded and "method" not in recorded:  # written before the config named the method
-        recorded["method"] = "darts"
+    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in _EXECUTION_FIELDS + _NOT_COMPARED}
+    if recorded:  # written before the config named the method: a user's plug-in was recorded as it
+        from ._variants import METHODS
+
+        if recorded.get("method", "darts") not in METHODS:
+            recorded["plugin"] = recorded.pop("method")
+        recorded.setdefault("method", "darts")
     return recorded
 
 
 def check_resumable(path: str, manifest: dict, expected: dict, allow_changes) -> None:
     """Raise `CheckpointError` naming every way the checkpoint at `path` is not this search's."""
-    old, new = _recorded_config(manifest), expected["config"]
+    old = _recorded_config(manifest)
+    new = {k: v for k, v in expected["config"].items() if k not in _NOT_COMPARED}
     differing = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     blocked = [k for k in differing if k not in allow_changes]
     problems = []

@@ -113,7 +113,8 @@ def search(
       above, also without `metrics_dir`), e.g. to forward it to an experiment tracker. Process 0
       alone writes records and calls it.
     - `score_genotype`: called at each epoch's end with the genotype the method selects from the
-      supernet then; the dict it returns joins that epoch's history record (and its checkpoint),
+      supernet then (alpha's argmax with `select="pt"`, which runs once, at the end); the dict it
+      returns joins that epoch's history record (and its checkpoint),
       e.g. `darts_eqx.nb201.benchmark_scores(table)` for anytime NAS-Bench-201 accuracies.
 
     Data-parallel (`execution.devices`): each global batch is split over the devices, everything

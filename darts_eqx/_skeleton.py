@@ -155,7 +155,10 @@ class CellNetwork(eqx.Module):
 
     def predict(self, images, state=None):
         """Inference logits for raw `images` (any integer or float dtype, `[n, h, w]` or
-        `[n, h, w, c]`), normalised with `pixel_norm` (as given, but as floats, without one)."""
+        `[n, h, w, c]`; pixels as they were given to `darts_eqx.data.from_arrays`, not an
+        `ImageData`'s already normalised arrays), normalised with `pixel_norm` (as given, but as
+        floats, without one). With `state`, running statistics; without (a supernet, a
+        discretised network), batch statistics: each image's logits then depend on its batch."""
         norm = self.pixel_norm
         if norm is None:  # no statistics known: the pixels as floats
             channels = self.stem.conv.weight.shape[2]  # HWIO

@@ -27,7 +27,11 @@ def gdas(tau_max: float = 10.0, tau_min: float = 0.1) -> Plugin:
     Gumbel-softmax: in value one-hot on the sampled op, in gradient softmax((log softmax(alpha) +
     g) / tau) (`gumbel_straight_through`). The temperature tau falls linearly from `tau_max` at the
     first epoch to `tau_min` at the last (the authors' NAS-Bench-201 code: 10 to 0.1). Alpha's and
-    the weights' forward passes each draw their own sample; the genotype is alpha's argmax."""
+    the weights' forward passes each draw their own sample; the genotype is alpha's argmax. As every
+    step here, alpha's step comes first (the authors' code trains the weights first); the
+    relaxation replaces softmax (relaxations chained before it are not used)."""
+    if not 0 < tau_min <= tau_max:
+        raise ValueError(f"gdas temperatures must satisfy 0 < tau_min <= tau_max, got {tau_min!r}, {tau_max!r}")
 
     def gdas(context: MethodContext) -> Method:
         epochs, steps = context.config.epochs, context.steps_per_epoch
@@ -62,9 +66,12 @@ def drnas(regulariser: str = "l2", scale: float = 1e-3) -> Plugin:
     * the sum over edges of KL(Dir(beta) || Dir(1)) to alpha's loss (Eq. 5); `"l2"`, the released
     code's default, is an L2 penalty of `scale` (1e-3) on alpha, which is the search's own
     `a_weight_decay` (1e-3 by default): nothing is added here (set `a_weight_decay=0` with
-    `"kl"`, as that code does). The genotype is alpha's argmax (beta is monotonic in alpha)."""
+    `"kl"`, as that code does). The genotype is alpha's argmax (beta is monotonic in alpha). First
+    order; the relaxation replaces softmax."""
     if regulariser not in ("l2", "kl"):
         raise ValueError(f"drnas `regulariser` (={regulariser!r}) must be 'l2' or 'kl'")
+    if not scale >= 0:
+        raise ValueError(f"drnas `scale` (={scale!r}) must be >= 0")
 
     def drnas(context: MethodContext) -> Method:
         def relax(logits, step, inner, key):
@@ -109,11 +116,16 @@ def sdarts(attack: str = "random", epsilon: float = 0.3, steps: int = 7) -> Plug
     L-inf PGD ascending the training loss from a random start, step 2 eps / steps, kept within
     the eps-ball, and dropped if it ends with a lower loss than A. After each move every edge's
     weights are clipped to [0, 1] and renormalised to sum 1 (`onto_simplex`). eps grows linearly
-    from 0.03 at the first epoch to `epsilon` (0.3) at the last, as the authors' code. Alpha's step
+    with the epoch e of E, 0.03 + (`epsilon` - 0.03) e / E (0.03 at the first epoch, just under
+    `epsilon`, 0.3, at the last), as the authors' code. Alpha's step
     is plain DARTS. The authors' PGD ran the supernet in eval mode, which in their NAS-Bench-201
     cells means running batch-norm statistics; here every pass uses batch statistics."""
     if attack not in ("random", "adversarial"):
         raise ValueError(f"sdarts `attack` (={attack!r}) must be 'random' or 'adversarial'")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sdarts `steps` (={steps!r}) must be a positive integer")
+    if not epsilon > 0:
+        raise ValueError(f"sdarts `epsilon` (={epsilon!r}) must be positive")
 
     def sdarts(context: MethodContext) -> Method:
         epochs, per_epoch = context.config.epochs, context.steps_per_epoch
@@ -166,7 +178,13 @@ def fairdarts(zero_one: float = 10.0) -> Plugin:
     ops do not compete within an edge, and alpha's loss adds `zero_one` (10, the authors' code) *
     L_01 = -mean over all alphas of (sigmoid(alpha) - 0.5)^2, which pushes each weight to 0 or 1.
     The genotype is the space's rule on the sigmoid weights (for the DARTS cell: each node's two
-    edges whose strongest op but `none` is strongest, that op on each)."""
+    edges whose strongest op but `none` is strongest, that op on each). Unlike the authors' code,
+    the space keeps its `none` op (in the loss too), the selection is that rule rather than their
+    0.85 threshold (which may keep any number of edges), and the optimisers are the search
+    config's (theirs: alpha Adam lr 3e-3, betas (0.9, 0.999)). First order; the relaxation
+    replaces softmax."""
+    if not zero_one >= 0:
+        raise ValueError(f"fairdarts `zero_one` (={zero_one!r}) must be >= 0")
 
     def fairdarts(context: MethodContext) -> Method:
         def relax(logits, step, inner, key):

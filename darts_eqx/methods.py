@@ -3,7 +3,8 @@
 user's own after the ones its config names. A relaxation is `relax(logits, step, inner, key)`:
 `inner(logits, step, key)` the relaxations before it (`softmax` first), `key` a PRNG key of that
 forward pass alone, fresh each step and the same on a rerun or a resume. `METHODS` names the
-built-in variants (`gdas`, `drnas`, `sdarts`, `fairdarts`; `SearchConfig.method`);
+built-in variants by the names `SearchConfig.method` takes (`gdas`, `drnas`, `sdarts-rs` and
+`sdarts-adv` from `sdarts`, `fairdarts`);
 `SearchConfig.select="pt"` selects the genotype by DARTS-PT's perturbation instead of alpha's
 argmax, on the supernet of any method."""
 

@@ -97,6 +97,19 @@ def test_a_checkpoint_recording_how_it_ran_resumes(plain, run_dir):
     assert_same_search(plain, resumed)
 
 
+def test_a_checkpoint_from_before_the_config_named_its_method_resumes(plain, run_dir):
+    # Older checkpoints have neither `method` nor `select` in their config; selection never
+    # changes the search's steps, so it is not compared either.
+    shutil.rmtree(run_dir / "step-000000012")
+    path = run_dir / "step-000000010" / "manifest.json"
+    saved = manifest(path.parent)
+    del saved["config"]["method"], saved["config"]["select"]
+    saved["manifest_sha256"] = _checkpoint._manifest_digest(saved)
+    path.write_text(json.dumps(saved))
+    resumed = dx.search(jax.random.key(KEY), DATA, checkpoint_dir=run_dir, checkpoint_every=2, resume=True, **OPTIONS)
+    assert_same_search(plain, resumed)
+
+
 def test_a_checkpoint_resumes_under_another_execution(tmp_path):
     # Written with the shared trace: resumed under the same execution it is the same search bit for
     # bit; under separate traces (another execution) it resumes too, the same search up to rounding.

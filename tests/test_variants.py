@@ -193,3 +193,21 @@ def test_a_search_selects_by_perturbation():
     pt = dx.search(jax.random.key(0), data, select="pt", **options)  # 6 edges decided, 5 epochs between
     assert isinstance(pt.genotype, dx.nb201.NB201Genotype) and pt.config.select == "pt"
     assert pt.network.genotype == pt.genotype and len(pt.history) == 1  # the search itself unchanged
+
+
+def test_method_combinations_that_cannot_mean_what_they_say_are_errors():
+    with pytest.raises(ValueError, match="'gdas' is implemented for first-order search"):
+        dx.SearchConfig(method="gdas", order=2)
+    with pytest.raises(ValueError, match="'gdas' evaluates one sampled op per edge"):
+        dx.SearchConfig(method="gdas", aux_skip=1.0)
+    with pytest.raises(ValueError, match="do not keep FairDARTS' sigmoids"):
+        dx.SearchConfig(method="fairdarts", early_stop_factor=1.3)
+    with pytest.raises(ValueError, match=r"`method` \(='snas'\) must be one of"):
+        dx.SearchConfig(method="snas")
+    with pytest.raises(ValueError, match=r"`select` \(='best'\) must be 'argmax' or 'pt'"):
+        dx.SearchConfig(select="best")
+    with pytest.raises(ValueError, match=r"sdarts `steps` \(=0\) must be a positive integer"):
+        v.sdarts("adversarial", steps=0)
+    with pytest.raises(ValueError, match="0 < tau_min <= tau_max"):
+        v.gdas(tau_min=0.0)
+    dx.SearchConfig(method="sdarts-adv", order=2)  # the exact estimator: the weight step is plain
