@@ -125,7 +125,7 @@ def run(a, data, method: str, seed: int) -> None:
         "method": method,
         "seed": seed,
         "arch": str(result.genotype),
-        **result.history[-1]["nb201"],
+        **dx.nb201.lookup(result.genotype, a.table),  # the selected cell (PT's differs from the last argmax)
         "parameter_free": parameter_free_share(str(result.genotype)),
         "seconds": float(sum(seconds)),
         "anytime": [h["nb201"] for h in result.history],
