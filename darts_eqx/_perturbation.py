@@ -35,11 +35,15 @@ DEFAULT_TUNE_EPOCHS = 5  # the authors' NAS-Bench-201 interval (10 in the DARTS 
 
 
 def perturbation_select(
-    supernet, config, images, labels, schedule: Schedule, *, key, execution: Execution, tune_epochs
+    supernet, config, images, labels, schedule: Schedule, *, key, execution: Execution, tune_epochs=None
 ):
     """`(genotype, tuned supernet)` of DARTS-PT on `supernet` (see the module docstring), with the
-    search's data on device (`images`, `labels`) and its split and batches (`schedule`)."""
+    search's data on device (`images`, `labels`) and its split and batches (`schedule`).
+    `tune_epochs` defaults to the authors': 10 where the topology also chooses edges, else 5."""
     space = space_of(supernet)
+    groups = space.topology.edge_groups(supernet)
+    if tune_epochs is None:
+        tune_epochs = 2 * DEFAULT_TUNE_EPOCHS if groups else DEFAULT_TUNE_EPOCHS
     arch, weights, static = split_arch(supernet)
     kinds = list(arch.arch.alpha)
     choices = {kind: np.full(arch.arch.alpha[kind].logits.shape[0], -1) for kind in kinds}
@@ -61,7 +65,7 @@ def perturbation_select(
                 train_idx, val_idx = schedule.indices(epoch, host=False)
                 for c in range(schedule.chunks):
                     state, _ = chunk((images, labels, train_idx[c], val_idx[c]), state)
-    strengths = _edge_strengths(state, static, choices, val, space.topology.edge_groups(supernet))
+    strengths = _edge_strengths(state, static, choices, val, groups)
     tuned = combine_arch(state.arch, state.weights, static)
     # the decided ops and edges alone (without PC-DARTS' edge weights)
     chosen = eqx.tree_at(lambda a: a.alpha, tuned.arch, {k: FixedWeights(jnp.asarray(v)) for k, v in strengths.items()})

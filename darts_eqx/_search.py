@@ -236,19 +236,15 @@ def _hessian_tracking(config: SearchConfig, static, device_data, val_pool, key_s
 
 def _perturbation(config, data, schedule: Schedule, execution: Execution, key):
     """DARTS-PT's selection on the search's data and split, as `select(supernet) -> genotype`, with
-    the authors' fine-tuning: 10 epochs between decisions where edges are chosen too, else 5."""
-    from ._perturbation import DEFAULT_TUNE_EPOCHS, perturbation_select
+    the authors' fine-tuning (`perturbation_select`)."""
+    from ._perturbation import perturbation_select
 
     images, labels = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     single = execution.replace(devices=None)
+    whole_epochs = dataclasses.replace(schedule, chunk_len=schedule.steps_per_epoch)
 
     def select(supernet):
-        groups = get_space(config.space).topology.edge_groups(supernet)
-        tune = 2 * DEFAULT_TUNE_EPOCHS if groups else DEFAULT_TUNE_EPOCHS
-        schedule_ = dataclasses.replace(schedule, chunk_len=schedule.steps_per_epoch)
-        return perturbation_select(
-            supernet, config, images, labels, schedule_, key=key, execution=single, tune_epochs=tune
-        )[0]
+        return perturbation_select(supernet, config, images, labels, whole_epochs, key=key, execution=single)[0]
 
     return select
 
