@@ -102,6 +102,12 @@ def _search_parser(s) -> None:
     meaning.add_argument(
         "--hessian", action="store_true", default=None, help="record the dominant Hessian eigenvalue per epoch"
     )
+    meaning.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop and horizontal flip of every search batch (default: on; off on the digits)",
+    )
     meaning.add_argument("--num-classes", type=int, help=_NUM_CLASSES_HELP)
     meaning.add_argument("--seed", type=int, help="PRNG seed (default: 0)")
     run = s.add_argument_group("run folder and checkpoints")

@@ -10,10 +10,11 @@ from ._cli import EXECUTION_OPTIONS, SEARCH_OPTIONS
 
 # Small defaults for the embedded digits, so that a bare `darts-eqx search` finishes in minutes on
 # two CPU cores; any other data set starts from the paper's defaults (`SearchConfig`).
-DIGITS_DEFAULTS = {"channels": 8, "layers": 3, "epochs": 8, "batch_size": 64}
+# No augmentation: a mirrored digit is another digit or none.
+DIGITS_DEFAULTS = {"channels": 8, "layers": 3, "epochs": 8, "batch_size": 64, "augment": False}
 # Small defaults for the embedded digits (8x8), so that a bare `darts-eqx train` takes minutes.
 TRAIN_DIGITS_DEFAULTS = {"channels": 8, "layers": 5, "epochs": 20, "batch_size": 64, "auxiliary": False}
-_CONFIG_OPTIONS = tuple(flag[2:].replace("-", "_") for flag, _, _ in SEARCH_OPTIONS) + ("hessian",)
+_CONFIG_OPTIONS = tuple(flag[2:].replace("-", "_") for flag, _, _ in SEARCH_OPTIONS) + ("hessian", "augment")
 
 
 def _new_run_dir() -> str:

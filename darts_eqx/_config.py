@@ -19,6 +19,10 @@ class SearchConfig:
     - `epochs`, `batch_size`: an epoch is `min(len(search_train), len(search_val)) // batch_size`
       steps; each step takes one batch from each half.
     - `train_portion`: share of the training set used to train weights; the rest trains alpha.
+    - `augment`: random crop (4-pixel zero padding at 32x32, scaled with the image) and horizontal
+      flip of every batch, the weights' and alpha's, as the DARTS search code's CIFAR transform;
+      without it a small training set is memorised within the search and the architecture
+      gradient follows the overfitted weights.
     - `w_*`: SGD for weights (lr cosine-annealed per epoch to `w_lr_min`, momentum, L2 weight
       decay), gradients clipped to global norm `grad_clip`.
     - `a_*`: Adam for alpha, with L2 weight decay added to the gradient as PyTorch's Adam does.
@@ -58,6 +62,7 @@ class SearchConfig:
     epochs: int = 50
     batch_size: int = 64
     train_portion: float = 0.5
+    augment: bool = True
     w_lr: float = 0.025
     w_lr_min: float = 0.001
     w_momentum: float = 0.9
@@ -98,8 +103,9 @@ class SearchConfig:
         self._check_method()
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"`estimator` (={self.estimator!r}) must be one of {ESTIMATORS}")
-        if not isinstance(self.hessian, bool):
-            raise ValueError(f"`hessian` (={self.hessian!r}) must be True or False")
+        for name in ("hessian", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` (={getattr(self, name)!r}) must be True or False")
         if self.xi is not None and not self.xi > 0:
             raise ValueError(f"`xi` (={self.xi!r}) must be positive, or None for the current weight lr")
 

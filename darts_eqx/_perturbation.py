@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._augment import search_augmentation
 from ._execution import Execution
 from ._loop import Schedule
 from ._loss import supernet_loss
@@ -54,7 +55,7 @@ def perturbation_select(
     w_opt, a_opt = weight_optimizer(tune_config, schedule.steps_per_epoch), arch_optimizer(config)
     own_weights, own_arch = jax.tree.map(jnp.copy, (weights, arch))  # the chunk donates its state's buffers
     state = initial_state(own_weights, own_arch, w_opt, a_opt, jax.random.fold_in(key, 1))
-    chunk = make_chunk_fn(static, w_opt, a_opt, execution)
+    chunk = make_chunk_fn(static, w_opt, a_opt, execution, augment=search_augmentation(config))
     for round_, (kind, edge) in enumerate(order):
         base = projected(state.arch, choices)
         scores = [_accuracy(state, static, _without(base, kind, edge, op), val) for op in candidates]

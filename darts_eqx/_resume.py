@@ -88,6 +88,7 @@ def _recorded_config(manifest: dict) -> dict:
         if recorded.get("method", "darts") not in METHODS:
             recorded["plugin"] = recorded.pop("method")
         recorded.setdefault("method", "darts")
+        recorded.setdefault("augment", False)  # written before searches augmented their batches
     return recorded
 
 

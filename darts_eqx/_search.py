@@ -16,6 +16,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from . import _parallel, _resume
+from ._augment import search_augmentation
 from ._config import SearchConfig
 from ._data import load
 from ._execution import Execution, as_execution
@@ -159,7 +160,7 @@ def search(
     # Alternate alpha and weight steps, chunk by chunk, for the configured epochs.
     estimate = method_parts._asdict()
     select = estimate.pop("select")
-    chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, **estimate)
+    chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, augment=search_augmentation(config), **estimate)
     epoch_end, stop = _hessian_tracking(config, static, device_data, schedule.val_pool, key_split)
     epoch_end = _scored(epoch_end, score_genotype, select or derive_genotype, static)
     checkpoints, reports = (checkpoint_dir, checkpoint_every, identity), (callback, epoch_end, stop, metrics)

@@ -51,6 +51,17 @@ def forward_key(state: SearchState, number) -> PRNGKeyArray:
     return jax.random.fold_in(jax.random.fold_in(state.key, state.step), number)
 
 
+# The "pass number" of the step's data augmentation: one that no forward pass uses.
+_AUGMENTATION = 2**31 - 1
+
+
+def augmentation_keys(state: SearchState) -> tuple[PRNGKeyArray, PRNGKeyArray]:
+    """The keys that augment the training and the validation batch of `state`'s step; folded
+    like `forward_key`, so a resumed search draws what an uninterrupted one draws."""
+    key = forward_key(state, _AUGMENTATION)
+    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+
 def as_typed_key(key) -> PRNGKeyArray:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key

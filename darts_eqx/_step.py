@@ -25,7 +25,15 @@ from ._loss import supernet_loss
 from ._optim import epoch_lr
 from ._phases import TRAIN, VAL, Phases, cond, either, may_be, run_phases
 from ._second_order import FiniteDifferenceStep, arch_gradient, momentum_buffer
-from ._state import SearchState, StepMetrics, alpha_update, forward_key, regularised, weight_update
+from ._state import (
+    SearchState,
+    StepMetrics,
+    alpha_update,
+    augmentation_keys,
+    forward_key,
+    regularised,
+    weight_update,
+)
 
 
 def search_step(
@@ -214,13 +222,15 @@ def make_chunk_fn(
     arch_reg=None,
     arch_view=None,
     weight_view=None,
+    augment=None,
 ):
     """A jitted `chunk((images, labels, train_idx, val_idx), state) -> (state, metrics)` that
     runs one search step per row of the index arrays `[steps, batch]` inside a `lax.scan`, traced
     and compiled as the resolved `execution` says. The data stays on device and only indices
     change per call, so nothing recompiles; the state's buffers are donated, so a chunk does not
     hold two copies of the supernet. With a `mesh`, each gathered batch stays split over its
-    `data` axis (see `_parallel`)."""
+    `data` axis (see `_parallel`). `augment(key, images)`, where given, transforms each gathered
+    batch (`augmentation_keys`) before the step sees it."""
     constrain = _parallel.batch_constraint(mesh)
     shared_trace = bool(execution.shared_trace)
 
@@ -230,8 +240,12 @@ def make_chunk_fn(
 
         def body(state, idx):
             it, iv = idx
-            train = constrain(images[it]), constrain(labels[it])
-            val = constrain(images[iv]), constrain(labels[iv])
+            x_train, x_val = images[it], images[iv]
+            if augment is not None:
+                k_train, k_val = augmentation_keys(state)
+                x_train, x_val = augment(k_train, x_train), augment(k_val, x_val)
+            train = constrain(x_train), constrain(labels[it])
+            val = constrain(x_val), constrain(labels[iv])
             return search_step(
                 state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view, shared_trace, weight_view
             )

@@ -21,6 +21,7 @@ import optax
 from jax import lax
 from jaxtyping import PRNGKeyArray
 
+from ._augment import augment_images
 from ._checks import non_negative, positive, positive_ints, replace_known
 from ._data import load
 from ._dtype import float_dtype
@@ -90,27 +91,8 @@ class TrainResult:
 
 def augment(key: PRNGKeyArray, x, config: TrainConfig):
     """Random crop from a zero-padded image, horizontal flip, cutout; sizes scale with the image."""
-    n, h, w, _ = x.shape
-    k_crop, k_flip, k_cut = jax.random.split(key, 3)
-    pad = round(config.crop_padding * h / 32)
-    if pad:
-        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
-        x = jax.vmap(lambda img, o: lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(padded, offsets)
-    if config.flip:
-        flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
-        x = jnp.where(flip, x[:, :, ::-1, :], x)
-    length = round(config.cutout_length * h / 32)
-    if config.cutout and length:
-        k_row, k_col = jax.random.split(k_cut)
-        cy, cx = jax.random.randint(k_row, (n, 1), 0, h), jax.random.randint(k_col, (n, 1), 0, w)
-        rows, cols = jnp.arange(h)[None, :], jnp.arange(w)[None, :]
-        # as the original: the square [c - L//2, c + L//2) clipped to the image
-        in_rows = (rows >= cy - length // 2) & (rows < cy + length // 2)
-        in_cols = (cols >= cx - length // 2) & (cols < cx + length // 2)
-        mask = in_rows[:, :, None] & in_cols[:, None, :]
-        x = jnp.where(mask[..., None], 0.0, x)
-    return x
+    cutout = config.cutout_length if config.cutout else 0
+    return augment_images(key, x, crop_padding=config.crop_padding, flip=config.flip, cutout_length=cutout)
 
 
 def epoch_lr(config: TrainConfig, epoch):

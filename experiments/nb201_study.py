@@ -11,9 +11,11 @@ balanced. OUT/report.md holds the table (benchmark test accuracy, mean ± std ov
 of parameter-free ops, `none`, `skip_connect` and `avg_pool_3x3`, in the final cells; wall time per
 search) and OUT/anytime.png the CIFAR-10 accuracy of each epoch's cell, mean over seeds.
 
-The budget is cut to fit a 2-core CPU (each cut is a flag); the published figures come from full
-searches (C=16, 5 cells per stage, 32x32 images, 25,000 images, 50-100 epochs), so the comparison
-says how the methods behave at this budget. Hyper-parameters are the papers' (`darts_eqx.methods`);
+Search batches are cropped and flipped as the DARTS code's (`--no-augment`: not; on 2,000 images
+the weights then memorise their half within the search). The budget is cut to fit a 2-core CPU
+(each cut is a flag); the published figures come from full searches (C=16, 5 cells per stage,
+32x32 images, 25,000 images, 50-100 epochs), so the comparison says how the methods behave at this
+budget. Hyper-parameters are the papers' (`darts_eqx.methods`);
 beta-DARTS uses the authors' NAS-Bench-201 strength, lambda ramped from 0 to 50; DARTS-PT is the
 first-order DARTS search (the same key gives the same supernet) selected by perturbation.
 """
@@ -47,6 +49,7 @@ METHODS = {
 }
 PARAMETER_FREE = ("none", "skip_connect", "avg_pool_3x3")
 DATASETS = ("cifar10", "cifar100", "imagenet16-120")
+BUDGET = ("images", "image_size", "channels", "cells", "epochs", "batch_size", "augment")
 
 
 def main():
@@ -62,6 +65,9 @@ def main():
     p.add_argument("--cells", type=int, default=1, help="cells per stage")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, default=True, help="crop and flip search batches"
+    )
     p.add_argument("--report-only", action="store_true", help="write the report from what has finished")
     a = p.parse_args()
     for path in (a.data, a.table):
@@ -125,6 +131,7 @@ def run(a, data, method: str, seed: int) -> None:
         progress=False,
         callback=timed,
         score_genotype=dx.nb201.benchmark_scores(a.table),
+        augment=a.augment,
         **METHODS[method],
     )
     eqx.tree_serialise_leaves(os.path.join(folder, "supernet.eqx"), result.supernet)
@@ -136,7 +143,7 @@ def run(a, data, method: str, seed: int) -> None:
         "parameter_free": parameter_free_share(str(result.genotype)),
         "seconds": float(sum(seconds) + time.perf_counter() - clock[0]),  # epochs + selection
         "anytime": [h["nb201"] for h in result.history],
-        "budget": {k: getattr(a, k) for k in ("images", "image_size", "channels", "cells", "epochs", "batch_size")},
+        "budget": {k: getattr(a, k) for k in BUDGET},
         "commit": _commit(),
     }
     with open(os.path.join(a.out, "results.jsonl"), "a") as f:
@@ -166,7 +173,9 @@ def report(a) -> None:
         "",
         f"Budget: first {budget['images']} images of the subset pooled to {budget['image_size']}x"
         f"{budget['image_size']}, C={budget['channels']}, {budget['cells']} cell(s) per stage, "
-        f"{budget['epochs']} epochs, batch {budget['batch_size']}. Test accuracy (%, 200 epochs) of each "
+        f"{budget['epochs']} epochs, batch {budget['batch_size']}, "
+        f"{'search batches cropped and flipped' if budget.get('augment') else 'no augmentation'}. "
+        "Test accuracy (%, 200 epochs) of each "
         "final cell in the benchmark table, mean ± std over seeds.",
         "",
         "| method | seeds | CIFAR-10 | CIFAR-100 | ImageNet16-120 | parameter-free ops | minutes per search |",

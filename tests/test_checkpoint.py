@@ -110,6 +110,18 @@ def test_a_checkpoint_from_before_the_config_named_its_method_resumes(plain, run
     assert_same_search(plain, resumed)
 
 
+def test_a_checkpoint_from_before_searches_augmented_does_not_resume_as_an_augmented_search(plain, run_dir):
+    # Without `augment` in its config a checkpoint was written by a search that did not augment.
+    path = run_dir / "step-000000010" / "manifest.json"
+    saved = manifest(path.parent)
+    del saved["config"]["augment"]
+    saved["manifest_sha256"] = _checkpoint._manifest_digest(saved)
+    path.write_text(json.dumps(saved))
+    shutil.rmtree(run_dir / "step-000000012")
+    with pytest.raises(dx.CheckpointError, match="augment"):
+        dx.search(jax.random.key(KEY), DATA, checkpoint_dir=run_dir, checkpoint_every=2, resume=True, **OPTIONS)
+
+
 def test_a_checkpoint_resumes_under_another_execution(tmp_path):
     # Written with the shared trace: resumed under the same execution it is the same search bit for
     # bit; under separate traces (another execution) it resumes too, the same search up to rounding.

@@ -11,8 +11,10 @@ from helpers import tiny_arrays
 
 import darts_eqx as dx
 from darts_eqx import SearchConfig, SearchState
+from darts_eqx._augment import search_augmentation
 from darts_eqx._fused import per_source_view
 from darts_eqx._optim import arch_optimizer, weight_optimizer
+from darts_eqx._state import augmentation_keys
 from darts_eqx._step import make_chunk_fn
 from darts_eqx._supernet import build_supernet
 
@@ -82,6 +84,34 @@ def test_chunk_is_compiled_once_and_retraces_are_errors(getkey):
         chunk((*data, idx[:2], idx[:2] + 32), state)
 
 
+def test_search_batches_are_cropped_and_flipped_with_each_steps_keys(getkey):
+    # A chunk that augments its batches equals a chunk without augmentation fed, step by step,
+    # the batches augmented outside with `augmentation_keys` of that step's state.
+    config = SearchConfig(space="seed", channels=4, layers=1, epochs=1, batch_size=8)
+    x, y = (jnp.asarray(a) for a in tiny_arrays())
+    arch, weights, static = dx.split_arch(build_supernet(config, (8, 8, 1), 3, key=getkey()))
+    w_opt, a_opt = weight_optimizer(config, 4), arch_optimizer(config)
+    start = SearchState(weights, arch, w_opt.init(weights), a_opt.init(arch), jnp.zeros((), jnp.int32), getkey())
+    augment = search_augmentation(config)
+    train_idx, val_idx = jnp.arange(32).reshape(4, 8), jnp.arange(32, 64).reshape(4, 8)
+    inside = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config), augment=augment)
+    ended, metrics = inside((x, y, train_idx, val_idx), jax.tree.map(jnp.copy, start))
+
+    seen, labels = [], []
+    for step in range(4):
+        k_train, k_val = augmentation_keys(eqx.tree_at(lambda s: s.step, start, jnp.asarray(step, jnp.int32)))
+        seen += [augment(k_train, x[train_idx[step]]), augment(k_val, x[val_idx[step]])]
+        labels += [y[train_idx[step]], y[val_idx[step]]]
+    seen, labels = jnp.concatenate(seen), jnp.concatenate(labels)
+    assert not np.array_equal(np.asarray(seen[:8]), np.asarray(x[train_idx[0]]))  # it does change them
+    outside = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config))
+    order = jnp.arange(64).reshape(4, 2, 8)
+    ended_b, metrics_b = outside((seen, labels, order[:, 0], order[:, 1]), start)
+    np.testing.assert_allclose(metrics.val_loss, metrics_b.val_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ended.arch), jax.tree.leaves(ended_b.arch)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_same_key_same_search_and_other_key_differs():
     data = dx.data.from_arrays(*tiny_arrays())
     options = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
@@ -149,8 +179,7 @@ def test_bad_execution_options_are_errors_naming_them(options, message):
 def test_non_bool_switch_is_an_error():
     # The suite's runtime type checker rejects it at the annotation; without one (as users run it)
     # `__post_init__` must, or a truthy string would switch the option on.
-    for value in (SearchConfig(), dx.Execution()):
-        name = "hessian" if isinstance(value, SearchConfig) else "shared_trace"
+    for value, name in ((SearchConfig(), "hessian"), (SearchConfig(), "augment"), (dx.Execution(), "shared_trace")):
         object.__setattr__(value, name, "yes")
         with pytest.raises(ValueError, match=rf"`{name}` \(='yes'\) must be True(,| or) False"):
             value.__post_init__()
