@@ -194,7 +194,7 @@ def _write_search_results(result, out: str, seconds: float, nb201_table) -> None
     from ._spaces import get_space
 
     config = result.config
-    atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(result.genotype.to_json(), indent=2))
+    atomic_write_text(os.path.join(out, "genotype.json"), result.genotype.to_json(indent=2))
     atomic_write_bytes(os.path.join(out, "supernet.eqx"), serialised(result.supernet))
     last = result.history[-1]
     print(
@@ -262,7 +262,7 @@ def train(args) -> None:
     out = args.out or _new_run_dir()
     os.makedirs(out, exist_ok=True)
     print(f"darts-eqx train: {genotype}\n  {data!r}\n  config: {config}\n  run folder: {out}", file=sys.stderr)
-    atomic_write_text(os.path.join(out, "genotype.json"), json.dumps(genotype.to_json(), indent=2))
+    atomic_write_text(os.path.join(out, "genotype.json"), genotype.to_json(indent=2))
     atomic_write_text(
         os.path.join(out, "train_config.json"),
         json.dumps({"dataset": args.dataset, "seed": args.seed, **dataclasses.asdict(config)}, indent=2),

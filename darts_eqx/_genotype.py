@@ -98,7 +98,11 @@ class Genotype:
             f"reduce={cell(self.reduce)}, reduce_concat={list(self.reduce_concat)})"
         )
 
-    def to_json(self) -> dict:
+    def to_json(self, **dumps_options) -> str:
+        """The genotype as JSON text (`to_dict`'s object; `dumps_options` go to `json.dumps`)."""
+        return json.dumps(self.to_dict(), **dumps_options)
+
+    def to_dict(self) -> dict:
         """A JSON-ready dict: `space`, and each cell a list of `[op, input]` pairs."""
         return {
             "space": self.space,
@@ -110,7 +114,7 @@ class Genotype:
 
     @classmethod
     def from_json(cls, obj: "dict | str") -> "Genotype":
-        """Read `to_json`'s dict, or a JSON string of it."""
+        """Read `to_json`'s text or `to_dict`'s dict."""
         if isinstance(obj, str):
             try:
                 obj = json.loads(obj)

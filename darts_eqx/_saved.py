@@ -29,7 +29,7 @@ def save_trained(directory: str | os.PathLike, result: TrainResult, num_classes:
     os.makedirs(directory, exist_ok=True)
     atomic_write_bytes(os.path.join(directory, "model.eqx"), serialised((result.model, result.state)))
     spec = {
-        "genotype": result.model.genotype.to_json(),
+        "genotype": result.model.genotype.to_dict(),
         "channels": result.config.channels,
         "layers": result.config.layers,
         "auxiliary": result.config.auxiliary,

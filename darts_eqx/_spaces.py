@@ -136,7 +136,7 @@ class Topology:
         raise NotImplementedError(f"{type(self).__name__} does not build evaluation networks")
 
     def genotype_from_json(self, space: "SearchSpace", obj):
-        """The genotype a `to_json()` of this topology's genotypes wrote."""
+        """The genotype a `to_dict()` (or `to_json()`) of this topology's genotypes wrote."""
         from ._genotype import Genotype
 
         return Genotype.from_json(obj)

@@ -13,6 +13,7 @@ NAS-Bench-201 accuracy CSV (`ArchitectureString` plus `*TestAccuracy*` columns).
 """
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -246,11 +247,21 @@ class NB201Genotype:
                 ops.append(op)
         return cls(tuple(ops))
 
-    def to_json(self) -> dict:
+    def to_json(self, **dumps_options) -> str:
+        """The genotype as JSON text (`to_dict`'s object; `dumps_options` go to `json.dumps`)."""
+        return json.dumps(self.to_dict(), **dumps_options)
+
+    def to_dict(self) -> dict:
         return {"space": "nb201", "arch": str(self)}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "NB201Genotype":
+    def from_json(cls, obj: "dict | str") -> "NB201Genotype":
+        """Read `to_json`'s text or `to_dict`'s dict."""
+        if isinstance(obj, str):
+            try:
+                obj = json.loads(obj)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"NB201 genotype JSON does not parse: {e}") from None
         if not isinstance(obj, dict) or obj.get("space") != "nb201" or "arch" not in obj:
             raise ValueError(f"an NB201 genotype JSON is {{'space': 'nb201', 'arch': ...}}, got {obj!r}")
         return cls.parse(obj["arch"])

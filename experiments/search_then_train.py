@@ -67,7 +67,7 @@ def main():
     with open(os.path.join(a.out, "search_history.json"), "w") as f:
         json.dump(searched.history, f, indent=1)
     with open(os.path.join(a.out, "genotype.json"), "w") as f:
-        json.dump(searched.genotype.to_json(), f, indent=2)
+        f.write(searched.genotype.to_json(indent=2))
 
     options = dict(
         channels=a.train_channels,

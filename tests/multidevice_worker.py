@@ -35,7 +35,7 @@ def summary(result):
     return {
         "alpha": [np.asarray(a.logits).tolist() for a in result.supernet.arch.alpha.values()],
         "history": result.history,
-        "genotype": result.genotype.to_json(),
+        "genotype": result.genotype.to_dict(),
     }
 
 

@@ -141,7 +141,7 @@ def test_two_processes_on_localhost_compute_the_one_device_search(tmp_path):
     reference = {
         "alpha": [np.asarray(single.supernet.arch.alpha["cell"].logits).tolist()],
         "history": single.history,
-        "genotype": single.genotype.to_json(),
+        "genotype": single.genotype.to_dict(),
     }
     for o in outputs:
         assert_same_search(reference, o)

@@ -23,8 +23,9 @@ BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_con
 def test_architecture_strings_round_trip_and_bad_ones_are_named():
     genotype = nb201.NB201Genotype.parse(BEST)
     assert str(genotype) == BEST and genotype.ops[2] == "nor_conv_3x3" and genotype.ops[3] == "skip_connect"
-    assert nb201.NB201Genotype.from_json(json.loads(json.dumps(genotype.to_json()))) == genotype
-    assert genotype.to_json() == {"space": "nb201", "arch": BEST}
+    as_text, as_dict = genotype.to_json(), genotype.to_dict()
+    assert nb201.NB201Genotype.from_json(as_text) == genotype == nb201.NB201Genotype.from_json(as_dict)
+    assert genotype.to_dict() == {"space": "nb201", "arch": BEST} == json.loads(genotype.to_json())
     for bad, message in [
         ("|none~0|+|none~0|none~1|", "must have 3 '\\+'-separated nodes"),
         ("|none~0|+|none~0|+|none~0|none~1|none~2|", "node 2 must be"),
