@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import darts_eqx as dx
+from darts_eqx._augment import search_augmentation
 from darts_eqx._execution import use_compile_cache
 from darts_eqx._methods import parts
 from darts_eqx._optim import arch_optimizer, weight_optimizer
@@ -47,6 +48,7 @@ def main():
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--augment", action="store_true", help="crop and flip each batch, as a search does")
     parser.add_argument("--partial-channels", type=int, default=1, help="PC-DARTS K (1: plain DARTS)")
     parser.add_argument(
         "--shared-trace",
@@ -71,6 +73,7 @@ def main():
         order=a.order,
         estimator=a.estimator,
         method=a.method,
+        augment=a.augment,
     )
     execution = dx.Execution(shared_trace=a.shared_trace).resolve(config)
     key = jax.random.key(0)
@@ -85,7 +88,7 @@ def main():
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
     method = parts(dx.methods.from_config(config), dx.methods.MethodContext(config, get_space(a.space).op_names, 100))
     estimate = {k: v for k, v in method._asdict().items() if k != "select"}
-    chunk = make_chunk_fn(static, w_opt, a_opt, execution, **estimate)
+    chunk = make_chunk_fn(static, w_opt, a_opt, execution, augment=search_augmentation(config), **estimate)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     config_fields = {
         "impl": "darts_eqx",
@@ -93,6 +96,7 @@ def main():
         "order": a.order,
         "estimator": a.estimator if a.order == 2 else None,
         "method": a.method,
+        "augment": a.augment,
         "C": a.C,
         "layers": a.layers,
         "batch": a.batch,
