@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from . import _native
@@ -34,12 +35,14 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 class _TraceOptions(NamedTuple):
-    """What the ops traced now are traced with: the gate of `kernel_gradient_gate`, and the
-    depthwise and convolution formulations an `Execution` chose (None: the environment's)."""
+    """What the ops traced now are traced with: the gate of `kernel_gradient_gate`, the
+    depthwise and convolution formulations an `Execution` chose (None: the environment's), and
+    the data-parallel mesh whose one axis splits the batch (None: one device)."""
 
     gate: Any = None
     depthwise: str | None = None
     conv: str | None = None
+    mesh: Any = None
 
 
 # Context-local (per thread and task), set only for the extent of a `with` block while tracing.
@@ -55,16 +58,18 @@ def _tracing_with(**changes):
         _TRACE.reset(token)
 
 
-def traced_with(depthwise: str | None = None, conv: str | None = None):
+def traced_with(depthwise: str | None = None, conv: str | None = None, mesh=None):
     """Trace the ops inside this context with depthwise formulation `depthwise` (`auto`, `kernel`,
     `composed`) and convolution gradient formulation `conv` (`canonical`, `native`); None keeps
-    the enclosing choice (by default `$DARTS_EQX_DEPTHWISE` and `$DARTS_EQX_CONV`)."""
+    the enclosing choice (by default `$DARTS_EQX_DEPTHWISE` and `$DARTS_EQX_CONV`). With a
+    one-axis `mesh`, activations are split over it along the batch: the C++ kernel, which XLA
+    cannot partition, then runs on each device's part (`shard_map`)."""
     if depthwise is not None:
         _native.check_depthwise_mode(depthwise)
     if conv is not None and conv not in _IMPLS:
         raise ValueError(f"conv formulation (={conv!r}) must be one of {_IMPLS}")
     current = _TRACE.get()
-    return _tracing_with(depthwise=depthwise or current.depthwise, conv=conv or current.conv)
+    return _tracing_with(depthwise=depthwise or current.depthwise, conv=conv or current.conv, mesh=mesh or current.mesh)
 
 
 def conv_impl() -> str:
@@ -213,8 +218,7 @@ def depthwise_conv2d(
 
 def without_depthwise_kernel():
     """Trace with the composed dense kernels instead of the C++ depthwise kernel inside this
-    context. The data-parallel search uses it: the FFI call has no partitioning rule, so XLA
-    would gather the whole batch onto every device to run it."""
+    context."""
     return _tracing_with(depthwise="composed")
 
 
@@ -317,7 +321,29 @@ def depthwise_conv2d_edges(
     if stride < 1 or dilation < 1 or padding < 0:
         raise ValueError(f"stride (={stride}) and dilation (={dilation}) must be >= 1, padding (={padding}) >= 0")
     _native.require_depthwise_kernel()
-    return _depthwise(x, kernels, _TRACE.get().gate, (stride, padding, dilation))
+    options = _TRACE.get()
+    geometry = (stride, padding, dilation)
+    if options.mesh is None:
+        return _depthwise(x, kernels, options.gate, geometry)
+    return _per_device(options.mesh, options.gate, geometry)(x, kernels)
+
+
+def _per_device(mesh, gate, geometry):
+    """`_depthwise` on each device's part of a batch split over `mesh`'s axis, the kernels (and
+    gate) replicated. The FFI call has no partitioning rule: under plain `jit` XLA would gather
+    the whole batch onto every device. The kernels' gradient is summed over the devices by
+    `shard_map`'s transpose; its custom VJP's results carry no varying-axis types, hence
+    `check_vma=False`."""
+    batch, replicated = PartitionSpec(mesh.axis_names[0]), PartitionSpec()
+    gates = () if gate is None else (gate,)
+
+    def body(x, kernels, *gates):
+        return _depthwise(x, kernels, gates[0] if gates else None, geometry)
+
+    specs = (batch, replicated) + (replicated,) * len(gates)
+    out = PartitionSpec(None, mesh.axis_names[0])  # edges first
+    call = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)
+    return lambda x, kernels: call(x, kernels, *gates)
 
 
 def separable_kernel(

@@ -83,11 +83,10 @@ class Execution:
         shared = can_share and config.order == 2 and jax.default_backend() == "cpu"
         return self.replace(shared_trace=shared)
 
-    def tracing(self, sharded: bool = False):
-        """The context to trace a chunk in: this execution's formulations. Sharded over a mesh,
-        the composed depthwise kernels: the FFI kernel has no partitioning rule, so XLA would
-        gather the whole batch onto every device to run it."""
-        return _conv.traced_with("composed" if sharded else self.depthwise, self.conv)
+    def tracing(self, mesh=None):
+        """The context to trace a chunk in: this execution's formulations, the batch split over
+        `mesh` where given (the C++ depthwise kernel then runs on each device's part)."""
+        return _conv.traced_with(self.depthwise, self.conv, mesh)
 
     def jit(self, fn):
         """`fn` jitted as a scan-fused chunk (`_xla.loop_jit`) with this execution's options."""

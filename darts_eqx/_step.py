@@ -250,7 +250,7 @@ def make_chunk_fn(
                 state, static, w_opt, a_opt, train, val, arch_grad, arch_reg, arch_view, shared_trace, weight_view
             )
 
-        with execution.tracing(sharded=mesh is not None):
+        with execution.tracing(mesh):
             return lax.scan(body, state, (train_idx, val_idx))
 
     return chunk

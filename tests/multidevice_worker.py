@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_arrays  # noqa: E402
 
 import darts_eqx as dx  # noqa: E402
-from darts_eqx import _parallel  # noqa: E402
+from darts_eqx import _conv, _parallel  # noqa: E402
 from darts_eqx._loss import supernet_loss  # noqa: E402
 from darts_eqx._optim import arch_optimizer, weight_optimizer  # noqa: E402
 from darts_eqx._step import make_chunk_fn  # noqa: E402
@@ -51,7 +51,8 @@ def gradients(devices: int, **options) -> list[list]:
         batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_parallel.AXIS))
         x, y = jax.device_put(x, batch), jax.device_put(y, batch)
     grad = eqx.filter_jit(jax.grad(lambda a, w: supernet_loss(a, w, static, x, y)[0], argnums=(0, 1)))
-    return [np.asarray(g).tolist() for g in jax.tree.leaves(grad(arch, weights))]
+    with _conv.traced_with(mesh=mesh):  # as a search traces its chunk
+        return [np.asarray(g).tolist() for g in jax.tree.leaves(grad(arch, weights))]
 
 
 def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> str:
@@ -99,12 +100,14 @@ if mode == "local":
         )
     out["resumed_on_one"] = summary(resumed)
     out["all_reduce"] = "all-reduce" in compiled_chunk_text(4)
-    # The depthwise FFI kernel has no partitioning rule: data-parallel DARTS chunks must not call it.
+    # The depthwise FFI kernel has no partitioning rule: under a mesh it runs on each device's part
+    # of the batch, and nothing gathers the batch onto every device for it.
     darts = dict(space="darts", layers=2, channels=4)
     out["kernel_calls"] = {
         n: compiled_chunk_text(n, lowered_only=True, **darts).count("darts_eqx_depthwise_forward") for n in (1, 4)
     }
-    # float32: one step's gradients, with the C++ kernel on one device and composed kernels on four
+    out["darts_all_gather"] = "all-gather" in compiled_chunk_text(4, **darts)
+    # float32: one step's gradients, with the C++ kernel, on one device and on four
     out["gradients"] = {n: gradients(n, **darts) for n in (1, 4)}
     out["errors"] = []
     for devices, options in ((4, dict(batch_size=18)), (5, {}), (0, {})):
