@@ -1,6 +1,8 @@
 """Image augmentation inside jitted steps: random crop from a zero-padded image, horizontal flip and
 cutout, as the DARTS code's CIFAR transforms (search: crop and flip; training: also cutout). Sizes
-are given for 32x32 images and scale with the image's height."""
+are given for 32x32 images and scale with the image's height. The images are normalised already,
+so the crop's zero padding is the data's mean colour (torchvision pads the raw pixels with black).
+"""
 
 import functools
 

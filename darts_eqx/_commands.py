@@ -52,6 +52,8 @@ def _run_settings(args) -> tuple[str, int, int, dict, dict]:
         if not os.path.isdir(args.out):
             raise ValueError(f"--resume: there is no run folder {args.out!r} to continue (drop --resume to start one)")
         saved = _read_json(os.path.join(args.out, "config.json"), "options")
+        if saved:
+            saved.setdefault("augment", False)  # written before searches augmented their batches
         ran = _read_json(os.path.join(args.out, "execution.json"), "execution")
     dataset, seed, every = saved.pop("dataset", None), saved.pop("seed", None), saved.pop("checkpoint_every", None)
     classes = saved.pop("num_classes", None)

@@ -22,7 +22,8 @@ class SearchConfig:
     - `augment`: random crop (4-pixel zero padding at 32x32, scaled with the image) and horizontal
       flip of every batch, the weights' and alpha's, as the DARTS search code's CIFAR transform;
       without it a small training set is memorised within the search and the architecture
-      gradient follows the overfitted weights.
+      gradient follows the overfitted weights. Turn it off where a mirror image changes the label
+      (the embedded digits: the command line does).
     - `w_*`: SGD for weights (lr cosine-annealed per epoch to `w_lr_min`, momentum, L2 weight
       decay), gradients clipped to global norm `grad_clip`.
     - `a_*`: Adam for alpha, with L2 weight decay added to the gradient as PyTorch's Adam does.

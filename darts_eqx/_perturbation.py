@@ -11,7 +11,9 @@ also chooses edges (the DARTS cell: two inputs per node), each node then keeps t
 whose removal costs most accuracy, measured once after the last op. This follows the authors'
 NAS-Bench-201 procedure; in the DARTS space they decide a normal and a reduction edge per round
 (5 epochs apart, the lr annealed from a tenth) and fine-tune between the nodes' edge decisions too.
-The selection is not checkpointed: a search killed during it selects again when resumed.
+Fine-tuning crops and flips its batches as the search does (`augment`); the scores are measured on
+the unaugmented validation half, so that they are deterministic (the authors' scoring batches are
+augmented). The selection is not checkpointed: a search killed during it selects again when resumed.
 """
 
 from collections.abc import Sequence

@@ -22,6 +22,7 @@ from helpers import tiny_arrays  # noqa: E402
 
 import darts_eqx as dx  # noqa: E402
 from darts_eqx import _conv, _parallel  # noqa: E402
+from darts_eqx._augment import search_augmentation  # noqa: E402
 from darts_eqx._loss import supernet_loss  # noqa: E402
 from darts_eqx._optim import arch_optimizer, weight_optimizer  # noqa: E402
 from darts_eqx._step import make_chunk_fn  # noqa: E402
@@ -66,7 +67,8 @@ def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> 
     state = _parallel.replicate(state, mesh)
     data = _parallel.replicate((DATA.x_train, DATA.y_train), mesh)
     idx = _parallel.shard_rows(np.arange(32).reshape(2, 16), mesh)
-    chunk = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config), mesh=mesh)
+    augment = search_augmentation(config)
+    chunk = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config), mesh=mesh, augment=augment)
     lowered = chunk.lower((*data, idx, idx), state)
     return lowered.as_text() if lowered_only else lowered.compile().compiled.as_text()
 

@@ -44,7 +44,8 @@ SPACE = dx.register_space(
 
 
 def main():
-    result = dx.search(jax.random.key(0), "digits", space=SPACE.name, channels=8, layers=3, epochs=1, batch_size=64)
+    options = dict(channels=8, layers=3, epochs=1, batch_size=64, augment=False)  # digits: no mirror images
+    result = dx.search(jax.random.key(0), "digits", space=SPACE.name, **options)
     print(f"val acc {result.history[-1]['val_acc']:.3f}")
     print(result.genotype)
     print(type(result.network).__name__, "with", len(result.network.cells), "layers of", result.genotype.normal[0][0])
