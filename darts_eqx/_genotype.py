@@ -115,11 +115,7 @@ class Genotype:
     @classmethod
     def from_json(cls, obj: "dict | str") -> "Genotype":
         """Read `to_json`'s text or `to_dict`'s dict."""
-        if isinstance(obj, str):
-            try:
-                obj = json.loads(obj)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"genotype JSON does not parse: {e}") from None
+        obj = parsed_json(obj, "genotype")
         if not isinstance(obj, dict):
             raise ValueError(f"genotype JSON must be an object, got {type(obj).__name__}")
         missing = [f for f in _FIELDS if f not in obj]
@@ -196,3 +192,13 @@ def derive_cell(weights: np.ndarray, op_names: tuple[str, ...], steps: int) -> C
             gene.append((op_names[candidates[int(np.argmax(rows[i]))]], int(i)))
         start += node + 2
     return tuple(gene)
+
+
+def parsed_json(obj, what: str):
+    """`obj` read as JSON if it is text (a clear error naming `what` if it does not parse), else as is."""
+    if not isinstance(obj, str):
+        return obj
+    try:
+        return json.loads(obj)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} JSON does not parse: {e}") from None

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import OpModule
 from ._conv import pointwise_conv
+from ._genotype import parsed_json
 from ._mixed import ArchLogits, MixedOp, OpWeights
 from ._norm import EVAL_NORM, SEARCH_NORM, Normalisation
 from ._op_names import NB201_OPS
@@ -257,11 +258,7 @@ class NB201Genotype:
     @classmethod
     def from_json(cls, obj: "dict | str") -> "NB201Genotype":
         """Read `to_json`'s text or `to_dict`'s dict."""
-        if isinstance(obj, str):
-            try:
-                obj = json.loads(obj)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"NB201 genotype JSON does not parse: {e}") from None
+        obj = parsed_json(obj, "NB201 genotype")
         if not isinstance(obj, dict) or obj.get("space") != "nb201" or "arch" not in obj:
             raise ValueError(f"an NB201 genotype JSON is {{'space': 'nb201', 'arch': ...}}, got {obj!r}")
         return cls.parse(obj["arch"])
