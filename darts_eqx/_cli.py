@@ -200,6 +200,12 @@ def _train_parser(t) -> None:
         "--auxiliary", action=argparse.BooleanOptionalAction, default=None, help="auxiliary head (0.4)"
     )
     meaning.add_argument("--cutout", action=argparse.BooleanOptionalAction, default=None, help="cutout augmentation")
+    meaning.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips (default: on; off on the digits)",
+    )
     meaning.add_argument("--seed", type=int, default=0)
     run = t.add_argument_group("run folder")
     run.add_argument("--out", help="run folder (default: a new folder under runs/)")

@@ -13,7 +13,7 @@ from ._cli import EXECUTION_OPTIONS, SEARCH_OPTIONS
 # No augmentation: a mirrored digit is another digit or none.
 DIGITS_DEFAULTS = {"channels": 8, "layers": 3, "epochs": 8, "batch_size": 64, "augment": False}
 # Small defaults for the embedded digits (8x8), so that a bare `darts-eqx train` takes minutes.
-TRAIN_DIGITS_DEFAULTS = {"channels": 8, "layers": 5, "epochs": 20, "batch_size": 64, "auxiliary": False}
+TRAIN_DIGITS_DEFAULTS = {"channels": 8, "layers": 5, "epochs": 20, "batch_size": 64, "auxiliary": False, "flip": False}
 _CONFIG_OPTIONS = tuple(flag[2:].replace("-", "_") for flag, _, _ in SEARCH_OPTIONS) + ("hessian", "augment")
 
 
@@ -224,6 +224,17 @@ def _write_search_results(result, out: str, seconds: float, nb201_table) -> None
         print("NAS-Bench-201: " + ", ".join(f"{k} {v:.2f}%" for k, v in scores.items()))
 
 
+def _train_config(args, data):
+    """The training config: the digits' small defaults or the paper's, then the given options."""
+    from ._train import TrainConfig
+
+    options = dict(TRAIN_DIGITS_DEFAULTS) if data.name == "digits" else {}
+    for name in ("epochs", "channels", "layers", "batch_size", "auxiliary", "cutout", "flip"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return TrainConfig().replace(**options)
+
+
 def read_genotype(source: str):
     """A genotype from a JSON file (`genotype.json`), a text file holding `Genotype(...)`, or a
     published genotype's name."""
@@ -249,17 +260,13 @@ def train(args) -> None:
     from ._data import load
     from ._execution import Execution, use_compile_cache
     from ._saved import save_trained
-    from ._train import TrainConfig, train
+    from ._train import train
 
     use_compile_cache(args.compile_cache)
     _check_tensorboard(args)
     genotype = read_genotype(args.genotype)
     data = _with_classes(load(args.dataset), args.num_classes)
-    options = dict(TRAIN_DIGITS_DEFAULTS) if data.name == "digits" else {}
-    for name in ("epochs", "channels", "layers", "batch_size", "auxiliary", "cutout"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    config = TrainConfig().replace(**options)
+    config = _train_config(args, data)
     execution = Execution(**{k: getattr(args, k) for k in EXECUTION_OPTIONS if getattr(args, k, None) is not None})
     out = args.out or _new_run_dir()
     os.makedirs(out, exist_ok=True)

@@ -7,7 +7,8 @@ import pytest
 from helpers import tiny_arrays
 
 import darts_eqx as dx
-from darts_eqx._cli import main
+from darts_eqx._cli import _parser, main
+from darts_eqx._commands import _train_config
 
 
 def test_search_writes_genotype_and_history(tmp_path, capsys):
@@ -66,6 +67,17 @@ def test_resume_of_a_missing_folder_and_too_few_classes_are_errors(tmp_path, cap
     for command in (["search"], ["train", "--genotype", "DARTS_V2"]):
         code = main([*command, "--num-classes", "5", "--out", str(tmp_path / "r")])
         assert code == 2 and "training labels of 'digits' hold 9, outside [0, 5)" in capsys.readouterr().err
+
+
+def test_train_does_not_mirror_digits_unless_asked():
+    digits, images = dx.data.load("digits"), dx.data.from_arrays(*tiny_arrays(n=8))
+
+    def config(data, *options):
+        return _train_config(_parser().parse_args(["train", "--genotype", "DARTS_V2", *options]), data)
+
+    assert config(digits).flip is False and config(images).flip is True  # a mirrored digit changes label
+    assert config(digits, "--flip").flip is True and config(images, "--no-flip").flip is False
+    assert config(digits, "--no-cutout").cutout is False and config(digits).layers == 5
 
 
 def test_num_classes_beyond_the_labels():
