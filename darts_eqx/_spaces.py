@@ -85,7 +85,11 @@ class Topology:
     trained supernet selects, the discrete network it becomes, and the evaluation network a
     genotype is trained as. Every network is a `darts_eqx.CellNetwork`. Subclass it to give a
     space a topology of its own; the built-in ones are the DARTS cell (`darts_eqx.DARTS_SPACE`),
-    NAS-Bench-201's (`darts_eqx.nb201`) and a stack of mixed ops (`darts_eqx.LayerTopology`)."""
+    NAS-Bench-201's (`darts_eqx.nb201`) and a stack of mixed ops (`darts_eqx.LayerTopology`).
+
+    The genotypes `derive` returns are saved with the models and run folders: a genotype class of
+    its own provides `to_dict()` (a JSON-ready dict) and `to_json(**json_dumps_options)` (its
+    text), and the topology's `genotype_from_json` reads either back."""
 
     # The form of its genotypes' checks: "cell" (DARTS cells), "single" (one op), or None when
     # its genotypes are of a class of its own.
