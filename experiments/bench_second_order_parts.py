@@ -1,6 +1,6 @@
 """What the exact second-order estimator compiles, part by part (one JSON line per part).
 
-    python experiments/bench_second_order_parts.py --C 8 --layers 3 --batch 16
+    python experiments/bench_second_order_parts.py [--C 8 --layers 5 --batch 32]
 
 Each part is jitted alone on one random batch, lowered and compiled, not run:
 
@@ -80,8 +80,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=PARTS)
     parser.add_argument("--C", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image", type=int, default=32)
     a = parser.parse_args()
     if a.part is not None:
