@@ -43,7 +43,9 @@ class SearchConfig:
       edges; see `darts_eqx.methods`).
     - `beta_reg`: beta-DARTS regularisation (Ye et al., 2022): lambda * mean over edges of
       logsumexp(alpha) added to the validation loss, lambda ramped linearly from 0 to `beta_reg`
-      over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS).
+      over the epochs (0: off; the paper uses lambda up to 50 on NAS-Bench-201, 2 on DARTS; the
+      authors' NAS-Bench-201 code weighs it by 50 * epoch / 100, which `beta_reg` = 0.5 * (epochs
+      - 1) reproduces).
     - `aux_skip`: DARTS-'s auxiliary skip (Chu et al., 2021): the forward pass adds beta times an
       identity to every edge, beta decaying linearly from `aux_skip` (the paper: 1) to 0 at the last
       epoch; first order only (0: off).
