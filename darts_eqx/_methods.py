@@ -16,7 +16,9 @@ What tells DARTS variants apart is four small things, each a field of `Method`:
 - `select(supernet) -> genotype`: the discrete architecture of a trained supernet; None is the
   paper's argmax (`derive_genotype`).
 
-One more, for methods that perturb what the weight step sees (SDARTS):
+Two more: `arch_warmup`, the epochs at the start during which alpha's optimiser does not step
+(the weights warm up first, as DrNAS' code does), and, for methods that perturb what the weight
+step sees (SDARTS):
 `perturb(weights, step, key, loss) -> weights` takes the op weights the relaxation gives the weight
 step's forward pass (a list, one array per alpha) and returns those it trains the weights at;
 `loss(weights)` is that step's training loss at given op weights (for adversarial perturbations).
@@ -50,26 +52,29 @@ class Method(NamedTuple):
     """The parts of a DARTS variant (see `darts_eqx.methods`); None leaves a part to DARTS:
     `relax(logits, step, inner, key) -> op weights`, `arch_loss(arch, step) -> scalar`,
     `estimator(state, static, train_batch, val_batch) -> ((val_loss, val_acc), grads)`,
-    `select(supernet) -> genotype` and `perturb(weights, step, key, loss) -> weights`."""
+    `select(supernet) -> genotype`, `perturb(weights, step, key, loss) -> weights` and
+    `arch_warmup`, the epochs before alpha's first step."""
 
     relax: Callable | None = None
     arch_loss: Callable | None = None
     estimator: Callable | None = None
     select: Callable | None = None
     perturb: Callable | None = None
+    arch_warmup: int | None = None
 
 
 class MethodParts(NamedTuple):
     """What `search_step` and the search's end take from a `Method`: `arch_grad` (the estimator),
     `arch_reg` (the loss term), `arch_view(arch, step, key)` (alpha through the relaxation),
-    `select`, and `weight_view(arch, step, key, loss)` (alpha as the weight step sees it, when the
-    method perturbs it)."""
+    `select`, `weight_view(arch, step, key, loss)` (alpha as the weight step sees it, when the
+    method perturbs it) and `arch_warmup` (epochs before alpha's first step, 0 for none)."""
 
     arch_grad: Callable | None
     arch_reg: Callable | None
     arch_view: Callable | None
     select: Callable | None
     weight_view: Callable | None
+    arch_warmup: int = 0
 
 
 Plugin = Callable[[MethodContext], Method]
@@ -83,7 +88,7 @@ def softmax(logits, step, key=None):
 def chain(*plugins: Plugin) -> Plugin:
     """One plug-in doing what `plugins` do, in order: relaxations stack (each sees the one before
     as `inner`), loss terms add up, and at most one plug-in may set each of the estimator, the
-    selection and the perturbation (two are an error naming them)."""
+    selection, the perturbation and the warm-up (two are an error naming them)."""
 
     def build(context: MethodContext) -> Method:
         methods = [(_name(p), _built(p, context)) for p in plugins]
@@ -95,6 +100,7 @@ def chain(*plugins: Plugin) -> Plugin:
             estimator=_single(methods, "estimator"),
             select=_single(methods, "select"),
             perturb=_single(methods, "perturb"),
+            arch_warmup=_single(methods, "arch_warmup"),
         )
 
     build.__qualname__ = "chain(" + ", ".join(_name(p) for p in plugins) + ")"
@@ -250,7 +256,13 @@ def parts(plugin: Plugin, context: MethodContext) -> MethodParts:
     relax = softmax if method.relax is None else _on_softmax(method.relax)
     view = None if method.relax is None else relaxation_view(relax)
     weight_view = None if method.perturb is None else perturbed_view(relax, method.perturb)
-    return MethodParts(method.estimator, method.arch_loss, view, method.select, weight_view)
+    warmup = method.arch_warmup or 0
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < context.config.epochs:
+        raise ValueError(
+            f"a method's `arch_warmup` (={method.arch_warmup!r}) must be a whole number of epochs in "
+            f"[0, epochs = {context.config.epochs})"
+        )
+    return MethodParts(method.estimator, method.arch_loss, view, method.select, weight_view, warmup)
 
 
 def perturbed_view(relax: Callable, perturb: Callable):

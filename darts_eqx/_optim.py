@@ -1,8 +1,11 @@
 """The search's two optimisers, as the original: SGD with momentum on the weights (cosine lr
 stepped per epoch, L2 weight decay, gradients clipped) and Adam on alpha."""
 
+from typing import Any
+
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 
 def cosine_lr(lr: float, lr_min: float, epochs: int, epoch):
@@ -40,9 +43,18 @@ def weight_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
     )
 
 
-def arch_optimizer(config) -> optax.GradientTransformation:
-    """Adam on alpha with L2 weight decay added to the gradient (PyTorch's `Adam(weight_decay=)`)."""
-    return optax.chain(
+def arch_optimizer(config, frozen_steps: int = 0) -> optax.GradientTransformation:
+    """Adam on alpha with L2 weight decay added to the gradient (PyTorch's `Adam(weight_decay=)`).
+    During its first `frozen_steps` updates alpha stays put and Adam's state does not move (a
+    warm-up of the weights: the original code does not call alpha's optimiser then)."""
+    adam = optax.chain(
         optax.add_decayed_weights(config.a_weight_decay),
         optax.adam(config.a_lr, b1=config.a_beta1, b2=config.a_beta2, eps=1e-8),
     )
+    if frozen_steps == 0:
+        return adam
+
+    def warm(step: ArrayLike, **extra_args: Any) -> ArrayLike:  # step: updates so far
+        return jnp.asarray(step) >= frozen_steps
+
+    return optax.transforms.conditionally_mask(adam, warm)

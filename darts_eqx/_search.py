@@ -144,7 +144,13 @@ def search(
     supernet = build_supernet(config, data.image_shape, data.num_classes, key=key_model)
     supernet = dataclasses.replace(supernet, pixel_norm=data.pixel_norm)  # for `predict` on new images
     arch, weights, static = split_arch(supernet)
-    w_opt, a_opt = weight_optimizer(config, schedule.steps_per_epoch), arch_optimizer(config)
+    # The method: how alpha weighs the ops, the losses' extra terms, alpha's gradient, the
+    # selection, the epochs before alpha's first step.
+    plugin = from_config(config) if method is None else chain(from_config(config), method)
+    context = MethodContext(config, get_space(config.space).op_names, schedule.steps_per_epoch)
+    method_parts = parts(plugin, context)
+    frozen = method_parts.arch_warmup * schedule.steps_per_epoch
+    w_opt, a_opt = weight_optimizer(config, schedule.steps_per_epoch), arch_optimizer(config, frozen)
     state = initial_state(weights, arch, w_opt, a_opt, key_state)
     identity = _resume.identity(config, data, key, method) if checkpoint_dir is not None else None
     key_impl = str(jax.random.key_impl(key_state))
@@ -152,14 +158,10 @@ def search(
     start.state = _parallel.replicate(start.state, mesh)
     device_data = _on_devices((data.x_train, data.y_train), mesh)
 
-    # The method: how alpha weighs the ops, the losses' extra terms, alpha's gradient, the selection.
-    plugin = from_config(config) if method is None else chain(from_config(config), method)
-    context = MethodContext(config, get_space(config.space).op_names, schedule.steps_per_epoch)
-    method_parts = parts(plugin, context)
-
     # Alternate alpha and weight steps, chunk by chunk, for the configured epochs.
     estimate = method_parts._asdict()
     select = estimate.pop("select")
+    del estimate["arch_warmup"]  # in alpha's optimiser
     chunk = make_chunk_fn(static, w_opt, a_opt, execution, mesh=mesh, augment=search_augmentation(config), **estimate)
     epoch_end, stop = _hessian_tracking(config, static, device_data, schedule.val_pool, key_split)
     epoch_end = _scored(epoch_end, score_genotype, select or derive_genotype, static)

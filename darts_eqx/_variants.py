@@ -59,19 +59,24 @@ def gumbel_straight_through(logits, tau, key) -> SampledWeights:
     return SampledWeights(hard - lax.stop_gradient(probs) + probs, index)
 
 
-def drnas(regulariser: str = "l2", scale: float = 1e-3) -> Plugin:
+def drnas(regulariser: str = "l2", scale: float = 1e-3, warmup: float = 0.2) -> Plugin:
     """DrNAS (Chen et al., ICLR 2021, Sec. 2.2): each forward pass draws the op weights of every edge
     from Dirichlet(beta), beta = elu(alpha) + 1, with pathwise gradients (`jax.random.dirichlet` is
     reparameterised). The regulariser keeps beta near the anchor Dirichlet(1): `"kl"` adds `scale`
     * the sum over edges of KL(Dir(beta) || Dir(1)) to alpha's loss (Eq. 5); `"l2"`, the released
     code's default, is an L2 penalty of `scale` (1e-3) on alpha, which is the search's own
     `a_weight_decay` (1e-3 by default): nothing is added here (set `a_weight_decay=0` with
-    `"kl"`, as that code does). The genotype is alpha's argmax (beta is monotonic in alpha). First
-    order; the relaxation replaces softmax."""
+    `"kl"`, as that code does). Alpha does not step during the first `warmup` share of the
+    epochs, rounded (that code trains the weights alone for 10 of each stage's 50 epochs). The
+    genotype is alpha's argmax (beta is monotonic in alpha). First order; the relaxation replaces
+    softmax. Not built: the code's progressive stages on NAS-Bench-201 (partial channels, then
+    pruning to the top 3 ops per edge)."""
     if regulariser not in ("l2", "kl"):
         raise ValueError(f"drnas `regulariser` (={regulariser!r}) must be 'l2' or 'kl'")
     if not scale >= 0:
         raise ValueError(f"drnas `scale` (={scale!r}) must be >= 0")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"drnas `warmup` (={warmup!r}) must be a share of the epochs in [0, 1)")
 
     def drnas(context: MethodContext) -> Method:
         def relax(logits, step, inner, key):
@@ -80,7 +85,8 @@ def drnas(regulariser: str = "l2", scale: float = 1e-3) -> Plugin:
         def arch_loss(arch, step):
             return scale * sum(jnp.sum(dirichlet_kl_to_uniform(dirichlet_concentration(a))) for a in alpha_logits(arch))
 
-        return Method(relax=relax, arch_loss=arch_loss if regulariser == "kl" else None)
+        epochs = round(warmup * context.config.epochs)
+        return Method(relax=relax, arch_loss=arch_loss if regulariser == "kl" else None, arch_warmup=epochs)
 
     return drnas
 

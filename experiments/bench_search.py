@@ -87,7 +87,7 @@ def main():
     labels = jnp.asarray(rng.integers(0, a.classes, n).astype(np.int32))
     idx = jnp.arange(n).reshape(2 * a.steps, a.batch)
     method = parts(dx.methods.from_config(config), dx.methods.MethodContext(config, get_space(a.space).op_names, 100))
-    estimate = {k: v for k, v in method._asdict().items() if k != "select"}
+    estimate = {k: v for k, v in method._asdict().items() if k not in ("select", "arch_warmup")}
     chunk = make_chunk_fn(static, w_opt, a_opt, execution, augment=search_augmentation(config), **estimate)
     inputs = (images, labels, idx[: a.steps], idx[a.steps :])
     config_fields = {

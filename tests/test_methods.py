@@ -28,7 +28,7 @@ def tempered(temperature: float):
 def test_relaxations_stack_and_loss_terms_add():
     logits = jnp.array([[0.0, 1.0, 2.0, 0.5, -1.0]])
     plugin = methods.chain(tempered(2.0), methods.auxiliary_skip(1.0), methods.beta_regularisation(4.0))
-    estimator, arch_loss, view, select, _ = parts(plugin, CONTEXT)
+    estimator, arch_loss, view, select, _, _ = parts(plugin, CONTEXT)
     assert estimator is None and select is None
     arch = {"alpha": dx.ArchLogits(logits)}
     skip = dx.SEED_SPACE.op_names.index("skip_connect")
@@ -54,10 +54,10 @@ def test_a_method_has_one_estimator_and_one_selection():
 
 
 def test_the_config_names_its_plugins():
-    estimator, arch_loss, view, _, _ = parts(methods.from_config(CONFIG), CONTEXT)
+    estimator, arch_loss, view, _, _, _ = parts(methods.from_config(CONFIG), CONTEXT)
     assert estimator is None and arch_loss is None and view is None  # plain first-order DARTS
     config = CONFIG.replace(order=2, beta_reg=2.0)
-    estimator, arch_loss, view, _, _ = parts(methods.from_config(config), CONTEXT._replace(config=config))
+    estimator, arch_loss, view, _, _, _ = parts(methods.from_config(config), CONTEXT._replace(config=config))
     assert estimator is not None and arch_loss is not None and view is None
 
 

@@ -15,6 +15,7 @@ import darts_eqx as dx
 from darts_eqx import _variants as v
 from darts_eqx._methods import MethodContext, parts
 from darts_eqx._mixed import MixedOp, SampledWeights
+from darts_eqx._supernet import build_supernet
 
 CONFIG = dx.SearchConfig(space="seed", epochs=3)
 CONTEXT = MethodContext(CONFIG, dx.SEED_SPACE.op_names, steps_per_epoch=10)
@@ -160,6 +161,32 @@ def test_each_method_searches_and_resumes_bit_for_bit(name, tmp_path):
         jax.tree.leaves(eqx.filter(resumed.supernet, eqx.is_array)),
     ):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_drnas_warms_the_weights_up_before_alpha_steps():
+    fifty = CONTEXT._replace(config=CONFIG.replace(epochs=50))
+    assert parts(v.drnas(), fifty).arch_warmup == 10 and parts(v.drnas(warmup=0.0), fifty).arch_warmup == 0
+    with pytest.raises(ValueError, match=r"drnas `warmup` \(=1.0\) must be a share"):
+        v.drnas(warmup=1.0)
+    with pytest.raises(ValueError, match=r"`arch_warmup` \(=3\) must be a whole number of epochs in \[0, epochs = 3\)"):
+        parts(lambda context: dx.methods.Method(arch_warmup=3), CONTEXT)
+
+    def logits(supernet):
+        leaves = jax.tree.leaves(supernet.arch, is_leaf=dx.is_arch)
+        return np.concatenate([np.asarray(a.logits).ravel() for a in leaves])
+
+    seen = []
+    dx.search(
+        jax.random.key(2),
+        DATA,
+        method=dx.methods.drnas(warmup=0.5),
+        callback=lambda history, supernet: seen.append(logits(supernet)),
+        **{**OPTIONS, "epochs": 2},
+    )
+    config = dx.SearchConfig(**{k: OPTIONS[k] for k in ("space", "channels", "layers", "batch_size")})
+    start = build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.split(jax.random.key(2), 3)[0])
+    assert np.array_equal(seen[0], logits(start))  # epoch 1 of 2: the weights alone
+    assert np.abs(seen[1] - seen[0]).max() > 1e-5  # then alpha steps
 
 
 def test_perturbation_selection_keeps_the_ops_and_edges_whose_removal_costs_most(monkeypatch):
