@@ -32,7 +32,7 @@ import warnings
 import equinox as eqx
 import jax
 import numpy as np
-from shared_data import CIFAR10_SUBSET, NB201_TABLE, pooled, write_report
+from shared_data import CIFAR10_SUBSET, NB201_TABLE, commit, pooled, write_report
 
 import darts_eqx as dx
 
@@ -156,17 +156,10 @@ def run(a, data, method: str, seed: int) -> None:
         "anytime": [h["nb201"] for h in result.history],
         "budget": {k: getattr(a, k) for k in BUDGET},
         "options": method_options(method, a.epochs),
-        "commit": _commit(),
+        "commit": commit(),
     }
     with open(os.path.join(a.out, "results.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def _commit() -> str:
-    import subprocess
-
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return head.stdout.strip()
 
 
 def parameter_free_share(arch: str) -> float:

@@ -1,6 +1,7 @@
 """What the experiments share: where ../shared/data lies, image pooling, and report writing."""
 
 import os
+import subprocess
 
 import numpy as np
 
@@ -24,3 +25,12 @@ def write_report(out: str, lines: list[str]) -> None:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     print(report)
+
+
+def commit() -> str:
+    """The short hash of the checked-out commit, or "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip()
