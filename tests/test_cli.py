@@ -8,7 +8,7 @@ from helpers import tiny_arrays
 
 import darts_eqx as dx
 from darts_eqx._cli import _parser, main
-from darts_eqx._commands import _train_config
+from darts_eqx._commands import _run_settings, _train_config
 
 
 def test_search_writes_genotype_and_history(tmp_path, capsys):
@@ -78,6 +78,16 @@ def test_train_does_not_mirror_digits_unless_asked():
     assert config(digits).flip is False and config(images).flip is True  # a mirrored digit changes label
     assert config(digits, "--flip").flip is True and config(images, "--no-flip").flip is False
     assert config(digits, "--no-cutout").cutout is False and config(digits).layers == 5
+
+
+def test_resuming_a_run_folder_from_before_searches_augmented_keeps_it_unaugmented(tmp_path):
+    def resumed_options(config: dict) -> dict:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        return _run_settings(_parser().parse_args(["search", "--resume", "--out", str(tmp_path)]))[3]
+
+    old = {"dataset": "digits", "seed": 0, "channels": 4, "epochs": 2}  # no "augment": it did not
+    assert resumed_options(old) == {"channels": 4, "epochs": 2, "augment": False}
+    assert resumed_options({**old, "augment": True})["augment"] is True
 
 
 def test_num_classes_beyond_the_labels():
