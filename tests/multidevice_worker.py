@@ -13,7 +13,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 if mode == "float64":
     os.environ["JAX_ENABLE_X64"] = "1"
 
-import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -40,8 +39,9 @@ def summary(result):
     }
 
 
-def gradients(devices: int, **options) -> list[list]:
-    """The weights' and alpha's gradients of the loss of one batch of 16, split over `devices`."""
+def gradients(devices: int, **options) -> tuple[list[list], str]:
+    """The weights' and alpha's gradients of the loss of one batch of 16, split over `devices`, and
+    the optimised HLO that computed them."""
     config = dx.SearchConfig(**{k: v for k, v in {**OPTIONS, **options}.items() if k != "progress"})
     mesh = _parallel.data_mesh(devices)
     model = build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
@@ -51,13 +51,14 @@ def gradients(devices: int, **options) -> list[list]:
     if mesh is not None:
         batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_parallel.AXIS))
         x, y = jax.device_put(x, batch), jax.device_put(y, batch)
-    grad = eqx.filter_jit(jax.grad(lambda a, w: supernet_loss(a, w, static, x, y)[0], argnums=(0, 1)))
+    grad = jax.jit(jax.grad(lambda a, w: supernet_loss(a, w, static, x, y)[0], argnums=(0, 1)))
     with _conv.traced_with(mesh=mesh):  # as a search traces its chunk
-        return [np.asarray(g).tolist() for g in jax.tree.leaves(grad(arch, weights))]
+        compiled = grad.lower(arch, weights).compile()
+    return [np.asarray(g).tolist() for g in jax.tree.leaves(compiled(arch, weights))], compiled.as_text()
 
 
-def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> str:
-    """The optimised HLO of the search chunk on `devices` devices (or only its lowered form)."""
+def compiled_chunk_text(devices: int, **options) -> str:
+    """The optimised HLO of the search chunk on `devices` devices."""
     config = dx.SearchConfig(**{k: v for k, v in {**OPTIONS, **options}.items() if k != "progress"})
     mesh = _parallel.data_mesh(devices)
     model = build_supernet(config, DATA.image_shape, DATA.num_classes, key=jax.random.key(0))
@@ -69,8 +70,7 @@ def compiled_chunk_text(devices: int, lowered_only: bool = False, **options) -> 
     idx = _parallel.shard_rows(np.arange(32).reshape(2, 16), mesh)
     augment = search_augmentation(config)
     chunk = make_chunk_fn(static, w_opt, a_opt, dx.Execution().resolve(config), mesh=mesh, augment=augment)
-    lowered = chunk.lower((*data, idx, idx), state)
-    return lowered.as_text() if lowered_only else lowered.compile().compiled.as_text()
+    return chunk.lower((*data, idx, idx), state).compile().compiled.as_text()
 
 
 if mode == "local":
@@ -101,16 +101,16 @@ if mode == "local":
             **OPTIONS,
         )
     out["resumed_on_one"] = summary(resumed)
-    out["all_reduce"] = "all-reduce" in compiled_chunk_text(4)
     # The depthwise FFI kernel has no partitioning rule: under a mesh it runs on each device's part
     # of the batch, and nothing gathers the batch onto every device for it.
     darts = dict(space="darts", layers=2, channels=4)
-    out["kernel_calls"] = {
-        n: compiled_chunk_text(n, lowered_only=True, **darts).count("darts_eqx_depthwise_forward") for n in (1, 4)
-    }
-    out["darts_all_gather"] = "all-gather" in compiled_chunk_text(4, **darts)
+    chunk = compiled_chunk_text(4, **darts)
+    out["all_reduce"], out["darts_all_gather"] = "all-reduce" in chunk, "all-gather" in chunk
     # float32: one step's gradients, with the C++ kernel, on one device and on four
-    out["gradients"] = {n: gradients(n, **darts) for n in (1, 4)}
+    (one_device, one_text), (four_devices, _) = gradients(1, **darts), gradients(4, **darts)
+    out["gradients"] = {1: one_device, 4: four_devices}
+    kernel = "darts_eqx_depthwise_forward"
+    out["kernel_calls"] = {1: one_text.count(kernel), 4: chunk.count(kernel)}
     out["errors"] = []
     for devices, options in ((4, dict(batch_size=18)), (5, {}), (0, {})):
         try:
