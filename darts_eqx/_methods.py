@@ -29,6 +29,7 @@ epoch, for schedules) returning a `Method`; `chain` composes plug-ins. `search(m
 plug-in of the user's own after the ones the config names (`from_config`).
 """
 
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -256,13 +257,19 @@ def parts(plugin: Plugin, context: MethodContext) -> MethodParts:
     relax = softmax if method.relax is None else _on_softmax(method.relax)
     view = None if method.relax is None else relaxation_view(relax)
     weight_view = None if method.perturb is None else perturbed_view(relax, method.perturb)
-    warmup = method.arch_warmup or 0
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < context.config.epochs:
-        raise ValueError(
-            f"a method's `arch_warmup` (={method.arch_warmup!r}) must be a whole number of epochs in "
-            f"[0, epochs = {context.config.epochs})"
-        )
-    return MethodParts(method.estimator, method.arch_loss, view, method.select, weight_view, warmup)
+    return MethodParts(method.estimator, method.arch_loss, view, method.select, weight_view, _warmup(method, context))
+
+
+def _warmup(method: Method, context: MethodContext) -> int:
+    """The method's `arch_warmup` as a whole number of epochs below the search's."""
+    warmup, epochs = method.arch_warmup, context.config.epochs
+    try:
+        whole = 0 if warmup is None else operator.index(warmup)
+    except TypeError:
+        whole = None
+    if isinstance(warmup, bool) or whole is None or not 0 <= whole < epochs:
+        raise ValueError(f"a method's `arch_warmup` (={warmup!r}) must be a whole number of epochs in [0, {epochs})")
+    return whole
 
 
 def perturbed_view(relax: Callable, perturb: Callable):

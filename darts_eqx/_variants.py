@@ -9,6 +9,7 @@ Each follows its paper and the authors' released code, whose hyper-parameters ar
 - `fairdarts`: independent sigmoids and a zero-one loss (Chu et al., 2020).
 """
 
+import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -67,10 +68,12 @@ def drnas(regulariser: str = "l2", scale: float = 1e-3, warmup: float = 0.2) -> 
     code's default, is an L2 penalty of `scale` (1e-3) on alpha, which is the search's own
     `a_weight_decay` (1e-3 by default): nothing is added here (set `a_weight_decay=0` with
     `"kl"`, as that code does). Alpha does not step during the first `warmup` share of the
-    epochs, rounded (that code trains the weights alone for 10 of each stage's 50 epochs). The
-    genotype is alpha's argmax (beta is monotonic in alpha). First order; the relaxation replaces
-    softmax. Not built: the code's progressive stages on NAS-Bench-201 (partial channels, then
-    pruning to the top 3 ops per edge)."""
+    epochs, rounded down (that code trains the weights alone for the first 10 epochs of each
+    stage: of 50 on NAS-Bench-201, of 25 in the DARTS space); a search whose epochs are extended
+    on resume (`allow_changes`) recomputes it. The genotype is alpha's argmax (beta is monotonic
+    in alpha). First order; the relaxation replaces softmax. Not built: the code's progressive
+    stages (partial channels, then the ops pruned to the strongest few per edge with wider
+    channels)."""
     if regulariser not in ("l2", "kl"):
         raise ValueError(f"drnas `regulariser` (={regulariser!r}) must be 'l2' or 'kl'")
     if not scale >= 0:
@@ -85,8 +88,8 @@ def drnas(regulariser: str = "l2", scale: float = 1e-3, warmup: float = 0.2) -> 
         def arch_loss(arch, step):
             return scale * sum(jnp.sum(dirichlet_kl_to_uniform(dirichlet_concentration(a))) for a in alpha_logits(arch))
 
-        epochs = round(warmup * context.config.epochs)
-        return Method(relax=relax, arch_loss=arch_loss if regulariser == "kl" else None, arch_warmup=epochs)
+        epochs = math.floor(warmup * context.config.epochs)  # below `epochs`, as warmup < 1
+        return Method(relax=relax, arch_loss=arch_loss if regulariser == "kl" else None, arch_warmup=epochs or None)
 
     return drnas
 

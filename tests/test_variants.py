@@ -15,6 +15,7 @@ import darts_eqx as dx
 from darts_eqx import _variants as v
 from darts_eqx._methods import MethodContext, parts
 from darts_eqx._mixed import MixedOp, SampledWeights
+from darts_eqx._optim import arch_optimizer
 from darts_eqx._supernet import build_supernet
 
 CONFIG = dx.SearchConfig(space="seed", epochs=3)
@@ -168,8 +169,25 @@ def test_drnas_warms_the_weights_up_before_alpha_steps():
     assert parts(v.drnas(), fifty).arch_warmup == 10 and parts(v.drnas(warmup=0.0), fifty).arch_warmup == 0
     with pytest.raises(ValueError, match=r"drnas `warmup` \(=1.0\) must be a share"):
         v.drnas(warmup=1.0)
-    with pytest.raises(ValueError, match=r"`arch_warmup` \(=3\) must be a whole number of epochs in \[0, epochs = 3\)"):
+    with pytest.raises(ValueError, match=r"`arch_warmup` \(=3\) must be a whole number of epochs in \[0, 3\)"):
         parts(lambda context: dx.methods.Method(arch_warmup=3), CONTEXT)
+    assert parts(lambda context: dx.methods.Method(arch_warmup=np.int64(2)), CONTEXT).arch_warmup == 2
+    # no warm-up sets none: it composes with a plug-in that sets one
+    assert parts(dx.methods.chain(v.drnas(warmup=0.0), lambda c: dx.methods.Method(arch_warmup=1)), CONTEXT)[5] == 1
+
+    # alpha's optimiser during a warm-up of 2 steps: no update and no state change, then Adam's first step
+    frozen, adam = arch_optimizer(CONFIG, frozen_steps=2), arch_optimizer(CONFIG)
+    alpha, grads = {"a": jnp.arange(3.0)}, {"a": jnp.asarray([0.5, -1.0, 2.0])}
+    state = start = frozen.init(alpha)
+    for _ in range(2):
+        updates, state = frozen.update(grads, state, alpha)
+        assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(start.inner_state))
+    )
+    warm, _ = frozen.update(grads, state, alpha)
+    first, _ = adam.update(grads, adam.init(alpha), alpha)
+    np.testing.assert_array_equal(warm["a"], first["a"])
 
     def logits(supernet):
         leaves = jax.tree.leaves(supernet.arch, is_leaf=dx.is_arch)
