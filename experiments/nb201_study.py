@@ -32,7 +32,7 @@ import warnings
 import equinox as eqx
 import jax
 import numpy as np
-from shared_data import CIFAR10_SUBSET, NB201_TABLE, commit, pooled, write_report
+from shared_data import CIFAR10_SUBSET, NB201_TABLE, commit, jsonl_rows, pooled, write_report
 
 import darts_eqx as dx
 
@@ -98,12 +98,14 @@ def method_options(method: str, epochs: int) -> dict:
 
 
 def finished(out: str) -> dict:
-    path = os.path.join(out, "results.jsonl")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {(r["method"], r["seed"]): r for r in rows}
+    rows = {(r["method"], r["seed"]): r for r in jsonl_rows(os.path.join(out, "results.jsonl"))}
+    for (method, seed), r in rows.items():
+        if "options" in r and method in METHODS and r["options"] != method_options(method, r["budget"]["epochs"]):
+            raise SystemExit(
+                f"{out}/results.jsonl: {method} seed {seed} ran with {r['options']}, not today's "
+                f"{method_options(method, r['budget']['epochs'])}: move that row and its run folder aside"
+            )
+    return rows
 
 
 def run(a, data, method: str, seed: int) -> None:

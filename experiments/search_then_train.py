@@ -8,7 +8,7 @@ flipped); every cell (`--baselines`, DARTS_V2 by default, first, then the search
 retrained with the same budget once per `--train-seeds` on all training images (C=16, 8 cells, 10
 epochs, cutout, no auxiliary head), test accuracy on the test split. The search checkpoints into OUT/search and
 resumes; each finished training is a line of OUT/results.jsonl and is not repeated. The report
-(`report.md`) gives the genotype, the search's options and cost, and each cell's test accuracy
+(`report.md`) gives the genotype, the search's options, and each cell's test accuracy
 (mean ± std over the training seeds).
 """
 
@@ -21,11 +21,13 @@ import warnings
 
 import jax
 import numpy as np
-from shared_data import CIFAR10_SUBSET, commit, pooled, write_report
+from shared_data import CIFAR10_SUBSET, commit, jsonl_rows, pooled, write_report
 
 import darts_eqx as dx
 
 SEARCH_OPTIONS = ("method", "select", "order", "beta_reg", "aux_skip")
+SEARCH_BUDGET = ("image_size", "search_images", "search_epochs", "search_channels", "search_layers", "search_batch")
+TRAIN_SETTINGS = ("data", "image_size", "train_epochs", "train_channels", "train_layers", "train_batch")
 
 
 def main():
@@ -56,6 +58,7 @@ def main():
         print(f"skipped: {a.data} not found", file=sys.stderr)
         return
     os.makedirs(a.out, exist_ok=True)
+    check_settings(a)
     with np.load(a.data) as f:
         x, y, xt, yt = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
     x, xt = pooled(x, a.image_size), pooled(xt, a.image_size)
@@ -82,10 +85,13 @@ def retrain_all(a, data, cells: dict) -> None:
 def search(a, data) -> dict:
     """The search's summary (OUT/search.json), searching (or resuming the search) first if needed."""
     path = os.path.join(a.out, "search.json")
+    options = {k: getattr(a, k) for k in SEARCH_OPTIONS}
+    budget = {k: getattr(a, k) for k in (*SEARCH_BUDGET, "search_seed")}
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
-    options = {k: getattr(a, k) for k in SEARCH_OPTIONS}
+            done = json.load(f)
+        _same({**done["options"], **done["budget"]}, {**options, **budget}, a.out)
+        return done
     warnings.filterwarnings("ignore", message="no checkpoint in", category=dx.CheckpointWarning)
     start = time.perf_counter()
     result = dx.search(
@@ -107,7 +113,7 @@ def search(a, data) -> dict:
     summary = {
         "genotype": result.genotype.to_dict(),
         "options": options,
-        "budget": {k: getattr(a, k) for k in vars(a) if k.startswith("search_") or k == "image_size"},
+        "budget": budget,
         "seconds": time.perf_counter() - start,  # of this sitting only, when the search resumed
         "train_acc": last["train_acc"],
         "val_acc": last["val_acc"],
@@ -121,12 +127,28 @@ def search(a, data) -> dict:
 
 
 def finished(out: str) -> dict:
-    path = os.path.join(out, "results.jsonl")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {(r["cell"], r["seed"]): r for r in rows}
+    return {(r["cell"], r["seed"]): r for r in jsonl_rows(os.path.join(out, "results.jsonl"))}
+
+
+def check_settings(a) -> None:
+    """The data and training options, written to OUT/settings.json the first time; a rerun into
+    the same folder with other ones is an error naming them (the search's are checked against
+    OUT/search.json)."""
+    settings = {k: getattr(a, k) for k in TRAIN_SETTINGS}
+    path = os.path.join(a.out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            _same(json.load(f), settings, a.out)
+        return
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def _same(before: dict, now: dict, out: str) -> None:
+    changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+    if changed:
+        what = ", ".join(f"--{k.replace('_', '-')} (was {old!r}, now {new!r})" for k, (old, new) in changed.items())
+        raise SystemExit(f"{out} holds results of other settings: {what}; use another --out")
 
 
 def retrain(a, data, label: str, genotype, seed: int) -> None:

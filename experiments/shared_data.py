@@ -1,5 +1,6 @@
 """What the experiments share: where ../shared/data lies, image pooling, and report writing."""
 
+import json
 import os
 import subprocess
 
@@ -30,7 +31,30 @@ def write_report(out: str, lines: list[str]) -> None:
 def commit() -> str:
     """The short hash of the checked-out commit, or "unknown" outside a git checkout."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip()
+
+
+def jsonl_rows(path: str) -> list[dict]:
+    """The rows of a JSON-lines file (none if it does not exist); a last line cut short by a kill
+    is skipped."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
