@@ -238,14 +238,21 @@ def _train_config(args, data):
 def read_genotype(source: str):
     """A genotype from a JSON file (`genotype.json`), a text file holding `Genotype(...)`, or a
     published genotype's name."""
-    from ._genotype import Genotype
+    from ._genotype import Genotype, parsed_json
+    from ._spaces import get_space
     from ._zoo import named_genotype
 
     if os.path.isfile(source):
         with open(source) as f:
             text = f.read()
         try:
-            return Genotype.from_json(text) if text.lstrip().startswith("{") else Genotype.parse(text.strip())
+            if not text.lstrip().startswith("{"):
+                return Genotype.parse(text.strip())
+            obj = parsed_json(text, "genotype")
+            if not isinstance(obj, dict):
+                raise ValueError(f"genotype JSON must be an object, not a {type(obj).__name__}")
+            space = get_space(obj.get("space", "darts"))  # its topology reads its genotypes
+            return space.topology.genotype_from_json(space, obj)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
     if os.sep in source or source.endswith((".json", ".txt")):

@@ -16,6 +16,7 @@ from helpers import tiny_arrays
 import darts_eqx as dx
 from darts_eqx import nb201
 from darts_eqx._cli import main
+from darts_eqx._commands import read_genotype
 
 BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
 
@@ -112,6 +113,10 @@ def test_nb201_search_command_reports_the_benchmark_accuracy(tmp_path, capsys):
         assert record["nb201"] == {"cifar10": score(arch), "cifar100": score(arch) - 20}
     assert history[-1]["nb201"]["cifar10"] == scores["cifar10"] and (out / "nb201.png").exists()
     assert main(["search", "--space", "darts", "--nb201-table", str(tmp_path / "t.csv")]) == 2
+    # the run folder's genotype reads back for `show` and `train`, as its own space's genotype
+    capsys.readouterr()
+    assert read_genotype(str(out / "genotype.json")) == nb201.NB201Genotype.parse(genotype["arch"])
+    assert main(["show", str(out / "genotype.json")]) == 0 and capsys.readouterr().out.strip() == genotype["arch"]
 
 
 class Scale(eqx.Module):
