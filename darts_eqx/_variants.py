@@ -20,6 +20,7 @@ from jax import lax
 from ._guards import alpha_logits
 from ._methods import Method, MethodContext, Plugin, relaxation_view
 from ._mixed import SampledWeights
+from ._op_names import droppable_op
 
 
 def gdas(tau_max: float = 10.0, tau_min: float = 0.1) -> Plugin:
@@ -187,21 +188,30 @@ def fairdarts(zero_one: float = 10.0) -> Plugin:
     ops do not compete within an edge, and alpha's loss adds `zero_one` (10, the authors' code) *
     L_01 = -mean over all alphas of (sigmoid(alpha) - 0.5)^2, which pushes each weight to 0 or 1.
     The genotype is the space's rule on the sigmoid weights (for the DARTS cell: each node's two
-    edges whose strongest op but `none` is strongest, that op on each). Unlike the authors' code,
-    the space keeps its `none` op (in the loss too), the selection is that rule rather than their
-    0.85 threshold (which may keep any number of edges), and the optimisers are the search
-    config's (theirs: alpha Adam lr 3e-3, betas (0.9, 0.999)). First order; the relaxation
-    replaces softmax."""
+    edges whose strongest op but `none` is strongest, that op on each). As in the authors' code,
+    there is no `none` op: where the space has one, its weight is 0 and it is left out of L_01
+    (under independent sigmoids it gets no gradient from the task loss, so L_01 alone would push it
+    to 0 or 1 by the sign of its initial alpha, and NAS-Bench-201's selection could pick it).
+    Unlike their code, the selection is the space's rule rather than their 0.85 threshold (which
+    may keep any number of edges), and the optimisers are the search config's (theirs: alpha Adam
+    lr 3e-3, betas (0.9, 0.999)). First order; the relaxation replaces softmax."""
     if not zero_one >= 0:
         raise ValueError(f"fairdarts `zero_one` (={zero_one!r}) must be >= 0")
 
     def fairdarts(context: MethodContext) -> Method:
+        drop = droppable_op(context.op_names)
+        dropped = None if drop is None else context.op_names.index(drop)
+
         def relax(logits, step, inner, key):
-            return jax.nn.sigmoid(logits)
+            weights = jax.nn.sigmoid(logits)
+            return weights if dropped is None else weights.at[..., dropped].set(0.0)
 
         def arch_loss(arch, step):
-            weights = jnp.concatenate([jax.nn.sigmoid(a).ravel() for a in alpha_logits(arch)])
-            return -zero_one * jnp.mean((weights - 0.5) ** 2)
+            weights = [jax.nn.sigmoid(a) for a in alpha_logits(arch)]
+            if dropped is not None:
+                weights = [jnp.delete(w, dropped, axis=-1, assume_unique_indices=True) for w in weights]
+            flat = jnp.concatenate([w.ravel() for w in weights])
+            return -zero_one * jnp.mean((flat - 0.5) ** 2)
 
         return Method(relax=relax, arch_loss=arch_loss, select=_selected_through(relax))
 

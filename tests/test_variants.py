@@ -142,6 +142,22 @@ def test_fairdarts_sigmoid_weights_zero_one_loss_and_selection():
     assert {j for _, j in fair[2:4]} == {0, 1}  # sigmoid strengths 0.95, 0.73 beat 0.62
 
 
+def test_fairdarts_has_no_none_op_as_its_authors_code():
+    # NAS-Bench-201's `none` would get no task-loss gradient under independent sigmoids: weight 0,
+    # left out of L_01, never selected, even with the largest alpha.
+    config = dx.SearchConfig(space="nb201", epochs=3)
+    method = parts(v.fairdarts(), MethodContext(config, dx.NB201_SPACE.op_names, 10))
+    alpha = jnp.array([[5.0, 0.0, math.log(3.0), -5.0, 0.0]])  # none, skip, conv1x1 (0.75), conv3x3, pool
+    arch = {"a": dx.ArchLogits(alpha)}
+    weights = method.arch_view(arch, jnp.int32(0), jax.random.key(0))["a"].weights()
+    np.testing.assert_allclose(weights[0, :3], [0.0, 0.5, 0.75], rtol=1e-6)
+    low = 1 / (1 + math.exp(5.0))
+    np.testing.assert_allclose(method.arch_reg(arch, 0), -10.0 * (0.25**2 + (low - 0.5) ** 2) / 4, rtol=1e-6)
+    net = dx.nb201.supernet(channels=4, cells=1, num_classes=3, in_channels=1, key=jax.random.key(0))
+    net = eqx.tree_at(lambda n: n.arch.alpha["cell"].logits, net, jnp.tile(alpha, (6, 1)))
+    assert method.select(net).ops == ("nor_conv_1x1",) * 6
+
+
 DATA = dx.data.from_arrays(*tiny_arrays(n=128))
 OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, progress=False)
 
