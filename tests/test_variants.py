@@ -165,12 +165,28 @@ OPTIONS = dict(space="seed", channels=4, layers=1, epochs=2, batch_size=16, prog
 @pytest.mark.parametrize("name", ["gdas", "drnas", "sdarts-rs", "sdarts-adv", "fairdarts"])
 def test_each_method_searches_and_resumes_bit_for_bit(name, tmp_path):
     run = tmp_path / "checkpoints"
-    whole = dx.search(jax.random.key(2), DATA, method=name, checkpoint_dir=run, checkpoint_every=2, **OPTIONS)
-    assert whole.config.method == name and len(whole.history) == 2
+    # DrNAS over 5 epochs of 4 steps: alpha still for the first (its warm-up), and the search
+    # resumes from step 2, inside the warm-up; the others resume for their last two steps.
+    options = {**OPTIONS, "epochs": 5} if name == "drnas" else OPTIONS
+
+    def keep_early(history, supernet):  # the checkpoints as they were after the first epoch
+        if len(history) == 1:
+            shutil.copytree(run, tmp_path / "early")
+
+    whole = dx.search(
+        jax.random.key(2), DATA, method=name, checkpoint_dir=run, checkpoint_every=2, callback=keep_early, **options
+    )
+    assert whole.config.method == name and len(whole.history) == options["epochs"]
     assert all(np.isfinite(h["val_loss"]) for h in whole.history)
-    shutil.rmtree(run / "step-000000008")  # as if killed during the last two steps
+    if name == "drnas":  # as if killed after step 2
+        shutil.rmtree(run)
+        shutil.copytree(tmp_path / "early", run)
+        shutil.rmtree(run / "step-000000004")
+        assert [d.name for d in run.glob("step-*")] == ["step-000000002"]
+    else:
+        shutil.rmtree(run / "step-000000008")  # as if killed during the last two steps
     resumed = dx.search(
-        jax.random.key(2), DATA, method=name, checkpoint_dir=run, checkpoint_every=2, resume=True, **OPTIONS
+        jax.random.key(2), DATA, method=name, checkpoint_dir=run, checkpoint_every=2, resume=True, **options
     )
     assert resumed.history == whole.history and resumed.genotype == whole.genotype
     for a, b in zip(
