@@ -65,20 +65,21 @@ def main():
     name = os.path.basename(a.data)
 
     train_data = dx.data.from_arrays(x, y, xt, yt, name=name)
-    cells = {b: dx.named_genotype(b) for b in a.baselines}
-    retrain_all(a, train_data, cells)  # first: they do not depend on the search
+    baselines = {b: dx.named_genotype(b) for b in a.baselines}
+    retrain_all(a, train_data, baselines)  # first: they do not depend on the search
     if a.baselines_only:
         return
     searched = search(a, dx.data.from_arrays(x[: a.search_images], y[: a.search_images], name=name))
-    cells = {"searched": dx.Genotype.from_json(searched["genotype"]), **cells}
-    retrain_all(a, train_data, cells)
-    report(a, searched, cells, len(x), len(xt))
+    found = {"searched": dx.Genotype.from_json(searched["genotype"])}
+    retrain_all(a, train_data, found)
+    report(a, searched, {**found, **baselines}, len(x), len(xt))
 
 
 def retrain_all(a, data, cells: dict) -> None:
+    done = finished(a.out)
     for label, genotype in cells.items():
         for seed in a.train_seeds:
-            if (label, seed) not in finished(a.out):
+            if (label, seed) not in done:
                 retrain(a, data, label, genotype, seed)
 
 
