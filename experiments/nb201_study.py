@@ -54,7 +54,7 @@ METHODS = {
 BETA_PER_EPOCH = 0.5
 PARAMETER_FREE = ("none", "skip_connect", "avg_pool_3x3")
 DATASETS = ("cifar10", "cifar100", "imagenet16-120")
-BUDGET = ("images", "image_size", "channels", "cells", "epochs", "batch_size", "augment")
+BUDGET = ("images", "image_size", "channels", "cells", "epochs", "batch_size", "augment", "arch_lr")
 
 
 def main():
@@ -70,6 +70,9 @@ def main():
     p.add_argument("--cells", type=int, default=1, help="cells per stage")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--arch-lr", type=float, default=None, help="alpha's Adam learning rate (default: the paper's, 3e-4)"
+    )
     p.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, default=True, help="crop and flip search batches"
     )
@@ -145,6 +148,7 @@ def run(a, data, method: str, seed: int) -> None:
         callback=timed,
         score_genotype=dx.nb201.benchmark_scores(a.table),
         augment=a.augment,
+        **({} if a.arch_lr is None else {"a_lr": a.arch_lr}),
         **method_options(method, a.epochs),
     )
     eqx.tree_serialise_leaves(os.path.join(folder, "supernet.eqx"), result.supernet)
@@ -181,7 +185,8 @@ def report(a) -> None:
         f"Budget: first {budget['images']} images of the subset pooled to {budget['image_size']}x"
         f"{budget['image_size']}, C={budget['channels']}, {budget['cells']} cell(s) per stage, "
         f"{budget['epochs']} epochs, batch {budget['batch_size']}, "
-        f"{'search batches cropped and flipped' if budget.get('augment') else 'no augmentation'}. "
+        f"{'search batches cropped and flipped' if budget.get('augment') else 'no augmentation'}, "
+        f"alpha's learning rate {budget.get('arch_lr') or 3e-4:g}. "
         "Test accuracy (%, 200 epochs) of each "
         "final cell in the benchmark table, mean ± std over seeds.",
         "",
@@ -196,11 +201,44 @@ def report(a) -> None:
         free = _stat([100 * r["parameter_free"] for r in mine], "%")
         minutes = _stat([r["seconds"] / 60 for r in mine])
         lines.append(f"| {method} | {len(mine)} | {' | '.join(cols)} | {free} | {minutes} |")
+    lines += [
+        "",
+        "How far alpha moved by the last epoch (from the last checkpoint's history; a logit gap of g "
+        "between two ops is a weight ratio of e^g): alpha's optimiser steps, the median over edges of "
+        "the gap between the two strongest ops' logits, and the widest logit range of any edge.",
+        "",
+        "| method | alpha steps | median top-2 logit gap | widest logit range |",
+        "|---|---|---|---|",
+    ]
+    for method in METHODS:
+        moved = [m for (name, seed) in sorted(rows) if name == method and (m := alpha_movement(a.out, name, seed))]
+        if moved:
+            steps = sorted({m["steps"] for m in moved})
+            gap, widest = (_stat([m[k] for m in moved]) for k in ("top2_gap", "range"))
+            lines.append(f"| {method} | {', '.join(map(str, steps))} | {gap} | {widest} |")
     lines += ["", "Cells found:", ""]
     for (method, seed), r in sorted(rows.items()):
         lines.append(f"- {method}, seed {seed}: `{r['arch']}` ({r['cifar10']:.2f})")
     write_report(a.out, lines)
     plot_anytime(rows, os.path.join(a.out, "anytime.png"))
+
+
+def alpha_movement(out: str, method: str, seed: int) -> dict | None:
+    """Alpha's steps and the logit gaps of its last epoch, from the run folder's last checkpoint
+    (history records hold softmax(alpha), so log-weight differences are logit differences)."""
+    folder = os.path.join(out, "runs", f"{method}-seed{seed}", "checkpoints")
+    steps = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if not steps:
+        return None
+    with open(os.path.join(folder, steps[-1], "manifest.json")) as f:
+        manifest = json.load(f)
+    logits = np.log(np.asarray(manifest["history"][-1]["alpha"], float))
+    top = np.sort(logits, axis=-1)
+    return {
+        "steps": int(manifest["step"]),
+        "top2_gap": float(np.median(top[:, -1] - top[:, -2])),
+        "range": float(np.max(top[:, -1] - top[:, 0])),
+    }
 
 
 def _stat(values, unit: str = "") -> str:
