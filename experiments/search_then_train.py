@@ -25,7 +25,7 @@ from shared_data import CIFAR10_SUBSET, commit, jsonl_rows, pooled, write_report
 
 import darts_eqx as dx
 
-SEARCH_OPTIONS = ("method", "select", "order", "beta_reg", "aux_skip")
+SEARCH_OPTIONS = ("method", "select", "order", "beta_reg", "aux_skip", "a_lr")
 SEARCH_BUDGET = ("image_size", "search_images", "search_epochs", "search_channels", "search_layers", "search_batch")
 TRAIN_SETTINGS = ("data", "image_size", "train_epochs", "train_channels", "train_layers", "train_batch")
 
@@ -46,6 +46,7 @@ def main():
     p.add_argument("--order", type=int, default=1)
     p.add_argument("--beta-reg", type=float, default=0.0)
     p.add_argument("--aux-skip", type=float, default=0.0)
+    p.add_argument("--a-lr", type=float, default=3e-4, help="alpha's Adam learning rate (the paper's: 3e-4)")
     p.add_argument("--train-epochs", type=int, default=10)
     p.add_argument("--train-channels", type=int, default=16)
     p.add_argument("--train-layers", type=int, default=8)
