@@ -220,7 +220,7 @@ def report(a) -> None:
     for (method, seed), r in sorted(rows.items()):
         lines.append(f"- {method}, seed {seed}: `{r['arch']}` ({r['cifar10']:.2f})")
     write_report(a.out, lines)
-    plot_anytime(rows, os.path.join(a.out, "anytime.png"))
+    plot_anytime(rows, os.path.join(a.out, "anytime.png"), a.table)
 
 
 def alpha_movement(out: str, method: str, seed: int) -> dict | None:
@@ -248,22 +248,30 @@ def _stat(values, unit: str = "") -> str:
     return f"{v.mean():.2f}{unit} ± {v.std():.2f}{unit}" if len(v) > 1 else f"{v[0]:.2f}{unit}"
 
 
-def plot_anytime(rows: dict, path: str) -> None:
+def plot_anytime(rows: dict, path: str, table: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    floor = 80.0  # below this the curves would flatten the rest; a curve that dips says how far
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for method in METHODS:
+        if method == "darts-pt":  # its epochs' argmax cells are darts-1st's: only its selection differs
+            continue
         curves = [r["anytime"] for (m, _), r in rows.items() if m == method]
         if not curves:
             continue
-        acc = np.asarray([[epoch["cifar10"] for epoch in c] for c in curves])
-        ax.plot(np.arange(1, acc.shape[1] + 1), acc.mean(0), label=f"{method} ({len(curves)})")
+        acc = np.asarray([[epoch["cifar10"] for epoch in c] for c in curves]).mean(0)
+        label = f"{method} ({len(curves)})" + (f", down to {acc.min():.0f}" if acc.min() < floor else "")
+        ax.plot(np.arange(1, len(acc) + 1), acc, label=label)
+    best = float(np.loadtxt(table, delimiter=",", skiprows=1, usecols=0).max())
+    ax.axhline(best, color="k", linestyle="--", linewidth=0.8, label=f"benchmark's best cell ({best:.2f})")
+    ax.set_ylim(floor, 95.5)
     ax.set_xlabel("search epoch")
     ax.set_ylabel("CIFAR-10 test accuracy of the epoch's cell (%)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Mean over seeds (their number in brackets)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
