@@ -22,6 +22,7 @@ first-order DARTS search (the same key gives the same supernet) selected by pert
 """
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -71,7 +72,10 @@ def main():
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
-        "--arch-lr", type=float, default=None, help="alpha's Adam learning rate (default: the paper's, 3e-4)"
+        "--arch-lr",
+        type=float,
+        default=dx.SearchConfig.a_lr,
+        help="alpha's Adam learning rate (the paper's: %(default)g)",
     )
     p.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, default=True, help="crop and flip search batches"
@@ -148,7 +152,7 @@ def run(a, data, method: str, seed: int) -> None:
         callback=timed,
         score_genotype=dx.nb201.benchmark_scores(a.table),
         augment=a.augment,
-        **({} if a.arch_lr is None else {"a_lr": a.arch_lr}),
+        a_lr=a.arch_lr,
         **method_options(method, a.epochs),
     )
     eqx.tree_serialise_leaves(os.path.join(folder, "supernet.eqx"), result.supernet)
@@ -186,7 +190,7 @@ def report(a) -> None:
         f"{budget['image_size']}, C={budget['channels']}, {budget['cells']} cell(s) per stage, "
         f"{budget['epochs']} epochs, batch {budget['batch_size']}, "
         f"{'search batches cropped and flipped' if budget.get('augment') else 'no augmentation'}, "
-        f"alpha's learning rate {budget.get('arch_lr') or 3e-4:g}. "
+        f"alpha's learning rate {budget.get('arch_lr') or dx.SearchConfig.a_lr:g}. "  # older rows lack it
         "Test accuracy (%, 200 epochs) of each "
         "final cell in the benchmark table, mean ± std over seeds.",
         "",
@@ -265,7 +269,8 @@ def plot_anytime(rows: dict, path: str, table: str) -> None:
         acc = np.asarray([[epoch["cifar10"] for epoch in c] for c in curves]).mean(0)
         label = f"{method} ({len(curves)})" + (f", down to {acc.min():.0f}" if acc.min() < floor else "")
         ax.plot(np.arange(1, len(acc) + 1), acc, label=label)
-    best = float(np.loadtxt(table, delimiter=",", skiprows=1, usecols=0).max())
+    with open(table, newline="") as f:  # by column name, as darts_eqx.nb201 reads the table
+        best = max(float(row["CIFAR10TestAccuracy200Epochs"]) for row in csv.DictReader(f))
     ax.axhline(best, color="k", linestyle="--", linewidth=0.8, label=f"benchmark's best cell ({best:.2f})")
     ax.set_ylim(floor, 95.5)
     ax.set_xlabel("search epoch")

@@ -46,7 +46,9 @@ def main():
     p.add_argument("--order", type=int, default=1)
     p.add_argument("--beta-reg", type=float, default=0.0)
     p.add_argument("--aux-skip", type=float, default=0.0)
-    p.add_argument("--a-lr", type=float, default=3e-4, help="alpha's Adam learning rate (the paper's: 3e-4)")
+    p.add_argument(
+        "--a-lr", type=float, default=dx.SearchConfig.a_lr, help="alpha's Adam learning rate (the paper's: %(default)g)"
+    )
     p.add_argument("--train-epochs", type=int, default=10)
     p.add_argument("--train-channels", type=int, default=16)
     p.add_argument("--train-layers", type=int, default=8)
